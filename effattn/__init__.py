@@ -1,0 +1,33 @@
+"""effattn: fused, IO-aware attention kernels for PyTorch.
+
+Public API:
+
+* :func:`flash_attention` — exact attention (FlashAttention), forward and backward, GQA, causal,
+  sliding window, key padding, dropout.
+* :func:`scaled_dot_product_attention` — drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+* :mod:`effattn.reference` — the reference implementation every backend is tested against.
+* ``python -m effattn.info`` — which backends run on this machine, and why not.
+"""
+
+import os as _os
+
+# In a source checkout (nothing installed), the top-level kernels/ directory is effattn.kernels, as
+# setup.py installs it.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and _os.path.isfile(
+        _os.path.join(_root, "kernels", "flash_attn.py")):
+    __path__.append(_root)  # noqa: F821 - the package's own search path
+
+from effattn.backends import BACKENDS, UnsupportedInputError, get_backend, select_backend  # noqa: E402
+from effattn.flash import flash_attention, scaled_dot_product_attention  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "UnsupportedInputError",
+    "flash_attention",
+    "get_backend",
+    "scaled_dot_product_attention",
+    "select_backend",
+]

@@ -1,0 +1,166 @@
+"""Backends and dispatch.
+
+A backend declares what it supports and, for an input it cannot run, the reasons why (as xformers'
+``not_supported_reasons``). ``backend=None`` takes the first backend of :data:`AUTO_ORDER` with no
+reasons; a named backend (argument or ``EFFATTN_BACKEND``) is used or raises with its reasons.
+Nothing falls back silently to different semantics: every backend computes the same function
+(:mod:`effattn.reference`).
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from effattn import reference
+
+ENV_BACKEND = "EFFATTN_BACKEND"
+AUTO = ("", "auto")
+
+
+class UnsupportedInputError(ValueError):
+    """No backend (or not the one asked for) can run this input; the message lists the reasons."""
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a backend needs to know about a call to decide whether it can run it."""
+
+    device: torch.device
+    dtype: torch.dtype
+    head_dim_qk: int
+    head_dim_v: int
+    Tq: int
+    Tk: int
+    dropout: bool
+
+
+class Backend(abc.ABC):
+    """Base class: ``name``, machine-level :meth:`unavailable_reasons`, per-call :meth:`not_supported_reasons`."""
+
+    name = ""
+    description = ""
+
+    def unavailable_reasons(self) -> list[str]:
+        return []
+
+    def not_supported_reasons(self, call: AttentionCall, forced: bool = False) -> list[str]:
+        return []
+
+    @abc.abstractmethod
+    def forward(self, q, k, v, mask, **kw):
+        """``(out, lse)`` of :func:`effattn.reference.attention_forward`'s signature."""
+
+    @abc.abstractmethod
+    def backward(self, dout, q, k, v, out, lse, mask, dlse, **kw):
+        """``(dq, dk, dv)`` of :func:`effattn.reference.attention_backward`'s signature."""
+
+
+class ReferenceBackend(Backend):
+    """Chunked PyTorch implementation: any device, no T x T matrix, float64 capable."""
+
+    name = "reference"
+    description = "chunked PyTorch attention (CPU path and test reference)"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+    def not_supported_reasons(self, call, forced=False):
+        return [] if call.dtype in self.dtypes else [f"dtype {call.dtype} not supported"]
+
+    def forward(self, q, k, v, mask, **kw):
+        return reference.attention_forward(q, k, v, mask, **kw)
+
+    def backward(self, dout, q, k, v, out, lse, mask, dlse, **kw):
+        return reference.attention_backward(dout, q, k, v, out, lse, mask, dlse, **kw)
+
+
+class TritonBackend(Backend):
+    """The Triton kernels of ``effattn.kernels``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+
+    name = "triton"
+    description = "Triton flash-attention kernels (fwd + bwd)"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    max_head_dim = 256
+
+    @functools.cached_property
+    def _import_error(self) -> str | None:
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # pragma: no cover - depends on the machine
+            return f"triton cannot be imported ({type(e).__name__}: {e})"
+        return None
+
+    @property
+    def interpret(self) -> bool:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+    def unavailable_reasons(self):
+        reasons = [self._import_error] if self._import_error else []
+        if not reasons and not torch.cuda.is_available() and not self.interpret:
+            reasons.append("no CUDA device (set TRITON_INTERPRET=1 before importing triton to interpret on CPU)")
+        return reasons
+
+    def not_supported_reasons(self, call, forced=False):
+        reasons = self.unavailable_reasons()
+        if call.device.type == "cpu":
+            if not self.interpret:
+                reasons.append("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+            elif not forced:
+                reasons.append("CPU tensors run the interpreted kernels only when asked for by name (testing)")
+        elif call.device.type != "cuda":
+            reasons.append(f"device type {call.device.type!r} not supported")
+        if call.dtype not in self.dtypes:
+            reasons.append(f"dtype {call.dtype} not supported (float16, bfloat16, float32)")
+        for what, d in (("q/k", call.head_dim_qk), ("v", call.head_dim_v)):
+            if d > self.max_head_dim:
+                reasons.append(f"head dim of {what} is {d}, more than {self.max_head_dim}")
+        if call.dropout and max(call.Tq, call.Tk) >= 2**32:
+            reasons.append("dropout needs sequence lengths below 2**32 (32-bit Philox counters)")
+        return reasons
+
+    @property
+    def _kernels(self):
+        from effattn.kernels import flash_attn
+        return flash_attn
+
+    def forward(self, q, k, v, mask, **kw):
+        return self._kernels.flash_attn_forward(q, k, v, mask, **kw)
+
+    def backward(self, dout, q, k, v, out, lse, mask, dlse, **kw):
+        return self._kernels.flash_attn_backward(dout, q, k, v, out, lse, mask, dlse, **kw)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), ReferenceBackend())}
+AUTO_ORDER = ("triton", "reference")
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}") from None
+
+
+def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
+    """The backend to run ``call``: the named one (argument, else ``EFFATTN_BACKEND``), else the first that fits."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    name = backend if backend is not None else os.environ.get(ENV_BACKEND, "")
+    if name not in AUTO:
+        chosen = get_backend(name)
+        reasons = chosen.not_supported_reasons(call, forced=True)
+        if reasons:
+            source = "backend" if backend is not None else ENV_BACKEND
+            raise UnsupportedInputError(f"{source}={name!r} cannot run this input: " + "; ".join(reasons))
+        return chosen
+    why = {}
+    for candidate in AUTO_ORDER:
+        reasons = BACKENDS[candidate].not_supported_reasons(call)
+        if not reasons:
+            return BACKENDS[candidate]
+        why[candidate] = reasons
+    lines = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items())
+    raise UnsupportedInputError(f"no backend can run this input:\n{lines}")

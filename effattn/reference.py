@@ -1,0 +1,305 @@
+"""The one reference implementation of effattn's attention semantics.
+
+Two implementations of the same function live here, and nowhere else:
+
+* :func:`attention_forward` / :func:`attention_backward` compute attention by query chunks, so the
+  ``Tq x Tk`` score matrix is never held in memory whole (at most ``chunk x Tk`` per head). They are
+  the CPU backend (``backend="reference"``) and, run on float64 inputs, the reference every kernel
+  is tested against. The backward is written out by hand (FlashAttention's recurrence), so it needs
+  no stored probabilities either.
+* :func:`naive_attention` materialises the full softmax and is differentiated by autograd: the
+  baseline of the benchmarks, and an independent check of the chunked code in the tests.
+
+Semantics shared by every backend (the kernels reproduce them exactly):
+
+* scores ``S = scale * Q K^T (+ additive mask)``, softmax over keys, ``O = softmax(S) V``;
+  ``lse[i] = log(sum_j exp(S_ij))`` over the visible keys (``-inf`` for a row that sees none).
+* GQA: ``Hq = G * Hkv``; query head ``h`` reads KV head ``h // G`` (consecutive query heads share).
+* Visibility of key ``j`` for query ``i``: with ``d = j - i - diag_offset``,
+  ``-window_left <= d <= window_right``, a negative bound meaning unbounded. Causal attention is
+  ``window_right = 0``; ``diag_offset = Tk - Tq`` aligns the diagonal to the bottom-right corner
+  (FlashAttention 2.1+), ``diag_offset = 0`` to the top-left (``torch.nn.functional.sdpa``).
+* ``mask``: a bool (True = keep) or float (added to the scores) tensor broadcastable to
+  ``(B, Hq, Tq, Tk)``.
+* A query row with no visible key gets output 0 (and zero gradients), never NaN.
+* Dropout keeps score ``(b, h, i, j)`` iff ``philox(seed; j, i, b * Hq + h, 0)[0] >> 8 >= threshold``
+  with ``threshold = round(dropout_p * 2**24)``; kept probabilities are scaled by
+  ``2**24 / (2**24 - threshold)``. The forward and the backward of every backend draw the same bits
+  from the same seed, so nothing is stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "DROPOUT_BITS",
+    "attention_backward",
+    "attention_forward",
+    "dropout_keep",
+    "dropout_scale",
+    "dropout_threshold",
+    "naive_attention",
+    "philox_randint",
+]
+
+# Dropout compares the top DROPOUT_BITS bits of a 32-bit Philox draw with a threshold.
+DROPOUT_BITS = 24
+# Elements of one chunk of scores (B * Hq * rows * Tk) held at once by the chunked implementation.
+CHUNK_ELEMENTS = 1 << 22
+
+# Output buffers come from here (tests swap in a NaN-filling allocator).
+_alloc = torch.empty
+
+_MASK32 = 0xFFFFFFFF
+# Philox-4x32-10 constants (Salmon et al. 2011), as Triton's tl.philox uses them.
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout bits
+# ----------------------------------------------------------------------------------------------
+def _mul32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a * x`` for a 32-bit constant ``a`` and int64 tensor ``x < 2**32``."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    hi_part = x * a_hi  # < 2**48
+    lo_part = x * a_lo  # < 2**48
+    high = (hi_part + (lo_part >> 16)) >> 16
+    low = (((hi_part & 0xFFFF) << 16) + lo_part) & _MASK32
+    return high & _MASK32, low
+
+
+def philox_randint(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
+    """First 32-bit output of Philox-4x32-10 keyed by ``seed`` on counters ``(c0, c1, c2, c3)``.
+
+    Bit-for-bit the value of Triton's ``tl.philox(seed, c0, c1, c2, c3)[0]`` for uint32 counters.
+    Counters are int64 tensors holding values in ``[0, 2**32)``; the result is int64 in that range.
+    """
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """Integer threshold on the top ``DROPOUT_BITS`` bits of a draw: kept iff ``bits >= threshold``."""
+    return int(round(dropout_p * (1 << DROPOUT_BITS)))
+
+
+def dropout_scale(dropout_p: float) -> float:
+    """Scale of a kept probability: the inverse of the exact keep rate of :func:`dropout_threshold`."""
+    full = 1 << DROPOUT_BITS
+    return full / (full - dropout_threshold(dropout_p))
+
+
+def dropout_keep(seed: int, dropout_p: float, batch_heads: torch.Tensor, rows: torch.Tensor,
+                 cols: torch.Tensor) -> torch.Tensor:
+    """Keep mask (bool) of dropout, broadcast over ``batch_heads``, ``rows`` and ``cols`` (int64 tensors).
+
+    ``batch_heads`` is ``b * Hq + h``; ``rows`` and ``cols`` are query and key indices.
+    """
+    bits = philox_randint(seed, cols, rows, batch_heads, torch.zeros_like(cols))
+    return (bits >> (32 - DROPOUT_BITS)) >= dropout_threshold(dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# masks
+# ----------------------------------------------------------------------------------------------
+def _visible(rows: torch.Tensor, cols: torch.Tensor, window_left: int, window_right: int,
+             diag_offset: int) -> torch.Tensor | None:
+    """``(len(rows), len(cols))`` bool visibility from the window rule, or None when unbounded."""
+    if window_left < 0 and window_right < 0:
+        return None
+    d = cols[None, :] - rows[:, None] - diag_offset
+    keep = torch.ones_like(d, dtype=torch.bool)
+    if window_left >= 0:
+        keep &= d >= -window_left
+    if window_right >= 0:
+        keep &= d <= window_right
+    return keep
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(x: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """``(B, Hq, ...)`` -> ``(B, Hkv, G, ...)`` view: the G query heads that share one KV head."""
+    return x.unflatten(1, (n_kv, x.shape[1] // n_kv))
+
+
+def _chunk_rows(B: int, Hq: int, Tq: int, Tk: int) -> int:
+    return max(1, min(Tq, CHUNK_ELEMENTS // max(1, B * Hq * Tk)))
+
+
+def _chunk_scores(q_c, k, mask, row0, rows, *, scale, window_left, window_right, diag_offset,
+                  dropout_p, seed, Hq):
+    """Scores (log2-free, natural units) of one query chunk, masked; and the dropout keep mask.
+
+    ``q_c``: ``(B, Hkv, G, R, D)`` in compute dtype; ``k``: ``(B, Hkv, 1, Tk, D)``.
+    Returns ``s (B, Hkv, G, R, Tk)`` with ``-inf`` where masked, and ``keep`` (same shape) or None.
+    """
+    B, n_kv, G, R, _ = q_c.shape
+    Tk = k.shape[-2]
+    s = torch.matmul(q_c, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        m = _grouped(mask[:, :, row0:row0 + R], n_kv)
+        if m.dtype == torch.bool:
+            s = s.masked_fill(~m, float("-inf"))
+        else:
+            s = s + m.to(s.dtype)
+    cols = torch.arange(Tk, device=s.device)
+    vis = _visible(rows, cols, window_left, window_right, diag_offset)
+    if vis is not None:
+        s = s.masked_fill(~vis, float("-inf"))
+    keep = None
+    if dropout_p > 0.0:
+        bh = torch.arange(B * Hq, device=s.device).view(B, n_kv, G, 1, 1)
+        keep = dropout_keep(seed, dropout_p, bh, rows.view(1, 1, 1, R, 1), cols.view(1, 1, 1, 1, Tk))
+    return s, keep
+
+
+def _row_lse(s: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim; ``-inf`` for an all ``-inf`` row."""
+    return torch.logsumexp(s, dim=-1)
+
+
+def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``exp(s - lse)``, 0 on rows whose lse is ``-inf`` (no visible key)."""
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(s - safe[..., None])
+    return torch.where(torch.isinf(lse)[..., None], torch.zeros_like(p), p)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                      scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
+                      dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked attention forward.
+
+    Args:
+        q: ``(B, Hq, Tq, Dqk)``; k: ``(B, Hkv, Tk, Dqk)``; v: ``(B, Hkv, Tk, Dv)``.
+        mask: None, or bool/float broadcastable to ``(B, Hq, Tq, Tk)``.
+    Returns:
+        ``out (B, Hq, Tq, Dv)`` in q's dtype, ``lse (B, Hq, Tq)`` float32 (float64 for float64 inputs).
+    """
+    B, Hq, Tq, _ = q.shape
+    n_kv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cdt = _compute_dtype(q.dtype)
+    if mask is not None:
+        mask = mask.expand(B, Hq, Tq, Tk)
+    kc = k.to(cdt)[:, :, None]
+    vc = v.to(cdt)[:, :, None]
+    out = _alloc(B, Hq, Tq, Dv, dtype=q.dtype, device=q.device)
+    lse = _alloc(B, Hq, Tq, dtype=cdt, device=q.device)
+    drop_scale = dropout_scale(dropout_p) if dropout_p > 0.0 else 1.0
+    step = _chunk_rows(B, Hq, Tq, Tk)
+    for row0 in range(0, Tq, step):
+        rows = torch.arange(row0, min(Tq, row0 + step), device=q.device)
+        q_c = _grouped(q[:, :, row0:row0 + len(rows)].to(cdt), n_kv)
+        s, keep = _chunk_scores(q_c, kc, mask, row0, rows, scale=scale, window_left=window_left,
+                                window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p,
+                                seed=seed, Hq=Hq)
+        lse_c = _row_lse(s)
+        p = _probs(s, lse_c)
+        if keep is not None:
+            p = p * keep * drop_scale
+        o_c = torch.matmul(p, vc)
+        out[:, :, row0:row0 + len(rows)] = o_c.flatten(1, 2).to(q.dtype)
+        lse[:, :, row0:row0 + len(rows)] = lse_c.flatten(1, 2)
+    return out, lse
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, mask: torch.Tensor | None = None, dlse: torch.Tensor | None = None, *,
+                       scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
+                       dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunked attention backward: gradients of ``out`` (and optionally ``lse``) w.r.t. q, k, v.
+
+    Recomputes the probabilities from ``lse``: ``P = exp(S - lse)``;
+    ``dV = (P∘Z)^T dO``, ``dP = (dO V^T)∘Z``, ``dS = P∘(dP - delta)`` with
+    ``delta = rowsum(dO∘O) - dlse`` and ``Z`` the scaled dropout keep mask;
+    ``dQ = scale·dS K``, ``dK = scale·dS^T Q``.
+    """
+    B, Hq, Tq, _ = q.shape
+    n_kv, Tk = k.shape[1], k.shape[2]
+    cdt = _compute_dtype(q.dtype)
+    if mask is not None:
+        mask = mask.expand(B, Hq, Tq, Tk)
+    kc = k.to(cdt)[:, :, None]
+    vc = v.to(cdt)[:, :, None]
+    dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
+    delta = (dout.to(cdt) * out.to(cdt)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(cdt)
+    drop_scale = dropout_scale(dropout_p) if dropout_p > 0.0 else 1.0
+    step = _chunk_rows(B, Hq, Tq, Tk)
+    for row0 in range(0, Tq, step):
+        rows = torch.arange(row0, min(Tq, row0 + step), device=q.device)
+        sl = slice(row0, row0 + len(rows))
+        q_c = _grouped(q[:, :, sl].to(cdt), n_kv)
+        do_c = _grouped(dout[:, :, sl].to(cdt), n_kv)
+        s, keep = _chunk_scores(q_c, kc, mask, row0, rows, scale=scale, window_left=window_left,
+                                window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p,
+                                seed=seed, Hq=Hq)
+        p = _probs(s, _grouped(lse[:, :, sl].to(cdt), n_kv))
+        dp = torch.matmul(do_c, vc.transpose(-1, -2))
+        p_drop = p
+        if keep is not None:
+            z = keep.to(p.dtype) * drop_scale
+            p_drop = p * z
+            dp = dp * z
+        dv += torch.matmul(p_drop.transpose(-1, -2), do_c).sum(2)
+        ds = p * (dp - _grouped(delta[:, :, sl], n_kv)[..., None])
+        dq[:, :, sl] = (torch.matmul(ds, kc) * scale).flatten(1, 2).to(q.dtype)
+        dk += (torch.matmul(ds.transpose(-1, -2), q_c) * scale).sum(2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# naive attention: the materialised baseline
+# ----------------------------------------------------------------------------------------------
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                    scale: float | None = None, window_left: int = -1, window_right: int = -1,
+                    diag_offset: int = 0, dropout_p: float = 0.0, seed: int = 0,
+                    upcast: bool = False) -> torch.Tensor:
+    """Textbook attention: the full ``(B, Hq, Tq, Tk)`` softmax in memory, differentiated by autograd.
+
+    Same arguments and semantics as :func:`attention_forward` (``scale`` defaults to ``1/sqrt(D)``).
+    Computes in the inputs' dtype unless ``upcast`` (then float32, or float64 for float64 inputs).
+    """
+    B, Hq, Tq, D = q.shape
+    n_kv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    dt = _compute_dtype(q.dtype) if upcast else q.dtype
+    G = Hq // n_kv
+    kk = k.to(dt).repeat_interleave(G, dim=1)
+    vv = v.to(dt).repeat_interleave(G, dim=1)
+    s = torch.matmul(q.to(dt), kk.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(dt)
+    vis = _visible(torch.arange(Tq, device=q.device), torch.arange(Tk, device=q.device), window_left,
+                   window_right, diag_offset)
+    if vis is not None:
+        s = s.masked_fill(~vis, float("-inf"))
+    empty = torch.isneginf(s).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        bh = torch.arange(B * Hq, device=q.device).view(B, Hq, 1, 1)
+        keep = dropout_keep(seed, dropout_p, bh, torch.arange(Tq, device=q.device).view(1, 1, Tq, 1),
+                            torch.arange(Tk, device=q.device).view(1, 1, 1, Tk))
+        p = p * keep * dropout_scale(dropout_p)
+    return torch.matmul(p, vv).to(q.dtype)

@@ -1,0 +1,1 @@
+"""Triton kernels of effattn, installed as ``effattn.kernels``: one module per op."""

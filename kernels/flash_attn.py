@@ -1,0 +1,705 @@
+"""Flash attention in Triton: forward and backward (Dao et al. 2022, FlashAttention-2 2023).
+
+Exact attention computed tile by tile. The forward streams key/value blocks past a block of queries
+and keeps a running row max ``m`` and row sum ``l`` (online softmax, in the exp2 domain), so the
+``Tq x Tk`` score matrix never reaches memory; it writes ``O`` and the log-sum-exp ``lse``. The
+backward recomputes the probabilities from ``lse``:
+
+    P = exp(S - lse),  dV = (P∘Z)^T dO,  dP = (dO V^T)∘Z,  dS = P∘(dP - delta),
+    dQ = scale·dS K,   dK = scale·dS^T Q,  delta = rowsum(dO∘O) - dlse,
+
+with ``Z`` the scaled dropout keep mask, regenerated from the seed (Philox) rather than stored. One
+kernel owns a key block and loops over the query blocks (and the query heads of its GQA group) to
+produce dK and dV; another owns a query block and loops over the key blocks to produce dQ. No atomics:
+the backward is deterministic.
+
+Masking, as in :mod:`effattn.reference`: key ``j`` is visible to query ``i`` iff
+``-window_left <= j - i - diag_offset <= window_right`` (negative bound = unbounded), plus an optional
+bool/float ``mask`` broadcast to ``(B, Hq, Tq, Tk)`` read tile by tile. Blocks outside the window are
+never visited; blocks entirely inside it skip the elementwise window and bounds checks.
+
+Layout: one file, three layers as in the rest of effattn: ``@triton.jit`` kernels, then the launchers
+``flash_attn_forward`` / ``flash_attn_backward`` that take and return tensors. The autograd glue lives
+in ``effattn.flash``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from effattn.reference import dropout_scale, dropout_threshold
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+MIN_BLOCK_D = 16  # tl.dot needs K >= 16
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Every output buffer of the launchers comes from here (tests swap in a NaN-filling allocator to
+# prove that each element is written).
+_alloc = torch.empty
+
+
+# ----------------------------------------------------------------------------------------------
+# autotuning: configs per head dim on the GPU, one small fixed config under the interpreter
+# ----------------------------------------------------------------------------------------------
+# max head dim the row is meant for, BLOCK_M, BLOCK_N, warps, stages
+_FWD_SHAPES = [
+    (64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (64, 64, 64, 4, 4), (64, 128, 32, 4, 4),
+    (128, 128, 64, 8, 3), (128, 128, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 128, 8, 2),
+    (256, 64, 32, 4, 2), (256, 64, 64, 8, 2), (256, 128, 32, 8, 2), (256, 32, 32, 4, 2),
+]
+_BWD_KV_SHAPES = [  # BLOCK_M = query rows streamed, BLOCK_N = keys owned
+    (64, 32, 128, 4, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 3),
+    (128, 32, 128, 8, 2), (128, 64, 64, 8, 2), (128, 32, 64, 4, 2),
+    (256, 32, 64, 8, 1), (256, 16, 64, 4, 1), (256, 32, 32, 4, 1),
+]
+_BWD_Q_SHAPES = [  # BLOCK_M = queries owned, BLOCK_N = keys streamed
+    (64, 128, 32, 4, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 3),
+    (128, 128, 32, 8, 2), (128, 64, 64, 8, 2), (128, 64, 32, 4, 2),
+    (256, 64, 32, 8, 1), (256, 64, 16, 4, 1), (256, 32, 32, 4, 1),
+]
+# Under the interpreter: small, non-square blocks so that tests cover several blocks, ragged
+# edges and all three loop segments at small sizes.
+_INTERPRET_FWD = (32, 16)
+_INTERPRET_BWD_KV = (16, 32)
+_INTERPRET_BWD_Q = (32, 16)
+
+
+def _autotune_configs(shapes, interpret_blocks):
+    if INTERPRET:
+        bm, bn = interpret_blocks
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=None)
+            for _, bm, bn, w, s in shapes]
+
+
+def _prune_for(shapes):
+    """Keep the configs written for the smallest head-dim class that holds this call's head dims."""
+    by_key = {(bm, bn, w, s): d for d, bm, bn, w, s in shapes}
+
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
+        head_dim = max(named_args.get("BLOCK_DQK", kwargs.get("BLOCK_DQK")),
+                       named_args.get("BLOCK_DV", kwargs.get("BLOCK_DV")))
+        cls = min(d for d in (64, 128, 256) if d >= head_dim)
+        kept = [c for c in configs
+                if by_key.get((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)) == cls]
+        return kept or configs
+
+    return prune
+
+
+_AUTOTUNE_KEY = ["BLOCK_DQK", "BLOCK_DV", "Q_BUCKET", "K_BUCKET", "MASK_KIND", "HAS_DROPOUT",
+                 "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT"]
+
+
+# ----------------------------------------------------------------------------------------------
+# shared device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` in fp32; operands upcast to fp32 first when ``UPCAST`` (bf16 under the interpreter)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _block_ranges(lo, hi, full_lo, full_hi, length, BLOCK: tl.constexpr):
+    """Split the blocks of one axis (``length`` long) into masked / unmasked / masked segments.
+
+    ``[lo, hi)``: indices some row (column) of the tile may see; ``[full_lo, full_hi)``: indices
+    every one of them sees. Returns ``lo <= mid_lo <= mid_hi <= hi`` with ``lo``, ``mid_lo``,
+    ``mid_hi`` multiples of ``BLOCK`` (or equal to ``hi``) and ``[mid_lo, mid_hi)`` whole blocks that
+    need no elementwise window or bounds mask.
+    """
+    lo = tl.maximum(lo, 0)
+    hi = tl.minimum(hi, length)
+    lo = (lo // BLOCK) * BLOCK
+    hi = tl.maximum(hi, lo)
+    mid_lo = tl.minimum(tl.cdiv(tl.maximum(full_lo, lo), BLOCK) * BLOCK, hi)
+    mid_hi = (tl.maximum(tl.minimum(full_hi, length), 0) // BLOCK) * BLOCK
+    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _kv_range(m0, Tq, Tk, window_left, window_right, diag_offset,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr):
+    """Key blocks for the query rows ``[m0, m0 + BLOCK_M)``: (lo, mid_lo, mid_hi, hi)."""
+    m_last = tl.minimum(m0 + BLOCK_M, Tq) - 1
+    lo = 0
+    hi = Tk
+    full_lo = 0
+    full_hi = Tk
+    if HAS_WINDOW_LEFT:
+        lo = m0 + diag_offset - window_left
+        full_lo = m_last + diag_offset - window_left
+    if HAS_WINDOW_RIGHT:
+        hi = m_last + diag_offset + window_right + 1
+        full_hi = m0 + diag_offset + window_right + 1
+    return _block_ranges(lo, hi, full_lo, full_hi, Tk, BLOCK_N)
+
+
+@triton.jit
+def _q_range(n0, Tq, Tk, window_left, window_right, diag_offset,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr):
+    """Query blocks that see some key of ``[n0, n0 + BLOCK_N)``: (lo, mid_lo, mid_hi, hi)."""
+    n_last = tl.minimum(n0 + BLOCK_N, Tk) - 1
+    lo = 0
+    hi = Tq
+    full_lo = 0
+    full_hi = Tq
+    if HAS_WINDOW_RIGHT:
+        lo = n0 - diag_offset - window_right
+        full_lo = n_last - diag_offset - window_right
+    if HAS_WINDOW_LEFT:
+        hi = n_last - diag_offset + window_left + 1
+        full_hi = n0 - diag_offset + window_left + 1
+    return _block_ranges(lo, hi, full_lo, full_hi, Tq, BLOCK_M)
+
+
+@triton.jit
+def _window_visible(rows, cols, window_left, window_right, diag_offset, Tq, Tk,
+                    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr):
+    """Elementwise visibility of a tile (``rows`` and ``cols`` broadcast to the tile's shape)."""
+    visible = (rows < Tq) & (cols < Tk)
+    d = cols - rows - diag_offset
+    if HAS_WINDOW_LEFT:
+        visible = visible & (d >= -window_left)
+    if HAS_WINDOW_RIGHT:
+        visible = visible & (d <= window_right)
+    return visible
+
+
+@triton.jit
+def _masked_scores(s, mask_base, rows, cols, stride_mi, stride_mj, Tq, Tk,
+                   MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr):
+    """Apply the user mask to log2-domain scores ``s`` (tile indexed by broadcast ``rows``, ``cols``)."""
+    if MASK_KIND != 0:
+        if MASK_ROW_BCAST:  # e.g. a key padding mask: one row of Tk values, broadcast over the queries
+            m = tl.load(mask_base + cols * stride_mj, mask=cols < Tk, other=0)
+        else:
+            m = tl.load(mask_base + rows * stride_mi + cols * stride_mj, mask=(rows < Tq) & (cols < Tk), other=0)
+        if MASK_KIND == 1:
+            s = tl.where(m != 0, s, float("-inf"))
+        else:
+            s = s + m.to(tl.float32) * 1.4426950408889634
+    return s
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, drop_threshold):
+    """Keep mask of dropout for a tile: ``philox(seed; j, i, bh, 0)[0] >> 8 >= threshold``."""
+    zero = (rows + cols) * 0
+    c0 = (cols + zero).to(tl.uint32)
+    c1 = (rows + zero).to(tl.uint32)
+    c2 = (zero + bh).to(tl.uint32)
+    c3 = zero.to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return (r >> 8).to(tl.int32) >= drop_threshold
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
+               stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
+               Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold,
+               HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               APPLY_WINDOW: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+               MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # -- load K^T and V (rows past Tk only in masked segments) --
+        n_ok = offs_n < Tk
+        kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_dqk[:, None] * stride_kd,
+                     mask=n_ok[None, :] & (offs_dqk[:, None] < HEAD_DIM_QK), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        # -- compute qk (log2 domain) and mask it --
+        s = _dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, DOT_PRECISION) * qk_scale
+        s = _masked_scores(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mi, stride_mj, Tq, Tk,
+                           MASK_KIND, MASK_ROW_BCAST)
+        if APPLY_WINDOW:
+            visible = _window_visible(offs_m[:, None], offs_n[None, :], window_left, window_right, diag_offset,
+                                      Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+            s = tl.where(visible, s, float("-inf"))
+        # -- online softmax update; a row with no visible key so far keeps m = -inf --
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_threshold)
+            p = tl.where(keep, p, 0.0)
+        # -- acc += P V --
+        acc = _dot(p.to(v.dtype), v, acc, UPCAST_DOT, DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_autotune_configs(_FWD_SHAPES, _INTERPRET_FWD), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_for(_FWD_SHAPES)})
+@triton.jit
+def _flash_fwd_kernel(
+    Q, K, V, O, LSE, MASK,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_mb, stride_mh, stride_mi, stride_mj,
+    Hq, GROUP, Tq, Tk, qk_scale, window_left, window_right, diag_offset,
+    seed, drop_threshold, drop_scale, Q_BUCKET, K_BUCKET,
+    HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one (batch, query head) against all the keys they may see.
+
+    O = softmax(scale·Q K^T + mask) V, LSE = logsumexp of the same scores (natural log).
+    """
+    tl.static_assert(BLOCK_DQK >= 16)
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // Hq
+    off_h = bh % Hq
+    off_kvh = off_h // GROUP
+    m0 = start_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    mask_base = MASK + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+
+    # -- load the query tile once --
+    m_ok = offs_m < Tq
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_dqk[None, :] * stride_qd,
+                mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # -- stream key blocks: window edges masked, interior blocks unmasked --
+    lo, mid_lo, mid_hi, hi = _kv_range(m0, Tq, Tk, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N,
+                                       HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+    for seg in tl.static_range(3):
+        if seg == 0:
+            seg_lo, seg_hi = lo, mid_lo
+        elif seg == 1:
+            seg_lo, seg_hi = mid_lo, mid_hi
+        else:
+            seg_lo, seg_hi = mid_hi, hi
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, seg_lo, seg_hi,
+            stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
+            Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold,
+            HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+            seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            UPCAST_DOT, DOT_PRECISION)
+
+    # -- epilogue: normalise; an empty row gives O = 0 and lse = -inf --
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * drop_scale
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA,
+                           stride_ob, stride_oh, stride_ot, stride_od,
+                           stride_dob, stride_doh, stride_dot, stride_dod,
+                           Hq, Tq, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO ∘ O) - dlse, float32 ``(B, Hq, Tq)``."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // Hq
+    off_h = bh % Hq
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM_V)
+    o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+                + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _load_lse2(LSE, row_base, offs_m, Tq):
+    """Log2-domain lse of a row block; ``+inf`` for empty rows and rows past Tq so that P = 0 there."""
+    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Tq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return lse * 1.4426950408889634
+
+
+@triton.jit
+def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base, offs_n, lo, hi,
+                  stride_qt, stride_qd, stride_dot, stride_dod, stride_mi, stride_mj,
+                  Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
+                  HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                  BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                  APPLY_WINDOW: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+                  MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Tq
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_dqk[None, :] * stride_qd,
+                    mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
+                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        lse2 = _load_lse2(LSE, row_base, offs_m, Tq)
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        # -- recompute P^T for this tile: (BLOCK_N, BLOCK_M) --
+        sT = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), UPCAST_DOT,
+                  DOT_PRECISION) * qk_scale
+        sT = _masked_scores(sT, mask_base, offs_m[None, :], offs_n[:, None], stride_mi, stride_mj, Tq, Tk,
+                            MASK_KIND, MASK_ROW_BCAST)
+        if APPLY_WINDOW:
+            visible = _window_visible(offs_m[None, :], offs_n[:, None], window_left, window_right, diag_offset,
+                                      Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+            sT = tl.where(visible, sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse2[None, :])
+        # -- dV += (P∘Z)^T dO ; dP^T = V dO^T (∘Z) --
+        dpT = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), UPCAST_DOT, DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], drop_threshold)
+            pT_drop = tl.where(keep, pT * drop_scale, 0.0)
+            dpT = tl.where(keep, dpT * drop_scale, 0.0)
+        else:
+            pT_drop = pT
+        dv = _dot(pT_drop.to(do.dtype), do, dv, UPCAST_DOT, DOT_PRECISION)
+        # -- dS^T = P^T ∘ (dP^T - delta) ; dK += dS^T Q --
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, UPCAST_DOT, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_autotune_configs(_BWD_KV_SHAPES, _INTERPRET_BWD_KV), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_for(_BWD_KV_SHAPES)})
+@triton.jit
+def _flash_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    stride_mb, stride_mh, stride_mi, stride_mj,
+    Hq, Hkv, GROUP, Tq, Tk, sm_scale, qk_scale, window_left, window_right, diag_offset,
+    seed, drop_threshold, drop_scale, Q_BUCKET, K_BUCKET,
+    HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: dK, dV of BLOCK_N keys of one (batch, KV head), summed over its GQA query heads."""
+    start_n = tl.program_id(0)
+    bkv = tl.program_id(1)
+    off_b = bkv // Hkv
+    off_kvh = bkv % Hkv
+    n0 = start_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < Tk
+
+    k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+                + offs_n[:, None] * stride_kt + offs_dqk[None, :] * stride_kd,
+                mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
+    v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+                + offs_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _q_range(n0, Tq, Tk, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N,
+                                      HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+    for g in range(0, GROUP):
+        off_h = off_kvh * GROUP + g
+        bh = off_b * Hq + off_h
+        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+        mask_base = MASK + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+        row_base = bh.to(tl.int64) * Tq
+        for seg in tl.static_range(3):
+            if seg == 0:
+                seg_lo, seg_hi = lo, mid_lo
+            elif seg == 1:
+                seg_lo, seg_hi = mid_lo, mid_hi
+            else:
+                seg_lo, seg_hi = mid_hi, hi
+            dk, dv = _bwd_kv_inner(
+                dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base, offs_n, seg_lo, seg_hi,
+                stride_qt, stride_qd, stride_dot, stride_dod, stride_mi, stride_mj,
+                Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
+                HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_M,
+                seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+                UPCAST_DOT, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkt + offs_dqk[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK))
+    tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_kvh.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvt + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, hi,
+                 stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
+                 Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
+                 HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                 APPLY_WINDOW: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+                 MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Tk
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_dqk[None, :] * stride_kd,
+                    mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
+        vT = tl.load(v_base + offs_n[None, :] * stride_vt + offs_dv[:, None] * stride_vd,
+                     mask=n_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        # -- recompute P --
+        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT,
+                 DOT_PRECISION) * qk_scale
+        s = _masked_scores(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mi, stride_mj, Tq, Tk,
+                           MASK_KIND, MASK_ROW_BCAST)
+        if APPLY_WINDOW:
+            visible = _window_visible(offs_m[:, None], offs_n[None, :], window_left, window_right, diag_offset,
+                                      Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        # -- dP = dO V^T (∘Z); dS = P ∘ (dP - delta); dQ += dS K --
+        dp = _dot(do, vT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, UPCAST_DOT, DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_autotune_configs(_BWD_Q_SHAPES, _INTERPRET_BWD_Q), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_for(_BWD_Q_SHAPES)})
+@triton.jit
+def _flash_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, MASK,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_mb, stride_mh, stride_mi, stride_mj,
+    Hq, GROUP, Tq, Tk, sm_scale, qk_scale, window_left, window_right, diag_offset,
+    seed, drop_threshold, drop_scale, Q_BUCKET, K_BUCKET,
+    HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: dQ of BLOCK_M queries of one (batch, query head), streaming the keys they see."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // Hq
+    off_h = bh % Hq
+    off_kvh = off_h // GROUP
+    m0 = start_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Tq
+    row_base = bh.to(tl.int64) * Tq
+
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+                + offs_m[:, None] * stride_qt + offs_dqk[None, :] * stride_qd,
+                mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
+                 mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse2 = _load_lse2(LSE, row_base, offs_m, Tq)
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    mask_base = MASK + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _kv_range(m0, Tq, Tk, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N,
+                                       HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+    for seg in tl.static_range(3):
+        if seg == 0:
+            seg_lo, seg_hi = lo, mid_lo
+        elif seg == 1:
+            seg_lo, seg_hi = mid_lo, mid_hi
+        else:
+            seg_lo, seg_hi = mid_hi, hi
+        dq = _bwd_q_inner(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, seg_lo, seg_hi,
+            stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
+            Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
+            HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+            seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            UPCAST_DOT, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
+             + offs_m[:, None] * stride_dqt + offs_dqk[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK))
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def _block_d(head_dim: int) -> int:
+    return max(MIN_BLOCK_D, triton.next_power_of_2(head_dim))
+
+
+def _bucket(length: int) -> int:
+    """Autotuning key for a sequence length: its power-of-two ceiling."""
+    return triton.next_power_of_2(max(1, length))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's matmul precision setting (IEEE unless TF32 is allowed)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], dummy: torch.Tensor):
+    """(tensor, strides (b, h, i, j), MASK_KIND, MASK_ROW_BCAST) for the kernels."""
+    if mask is None:
+        return dummy, (0, 0, 0, 0), MASK_NONE, False
+    m = mask.expand(shape)
+    kind = MASK_BOOL if m.dtype == torch.bool else MASK_FLOAT
+    if kind == MASK_BOOL:
+        m = m.view(torch.uint8)
+    strides = m.stride()
+    return m, strides, kind, strides[2] == 0
+
+
+def _common_constexprs(q, k, v, window_left, window_right, mask_kind, mask_row_bcast, dropout_p):
+    return dict(
+        HEAD_DIM_QK=q.shape[-1], HEAD_DIM_V=v.shape[-1],
+        BLOCK_DQK=_block_d(q.shape[-1]), BLOCK_DV=_block_d(v.shape[-1]),
+        HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0,
+        MASK_KIND=mask_kind, MASK_ROW_BCAST=mask_row_bcast, HAS_DROPOUT=dropout_p > 0.0,
+        UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+
+
+def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+                       scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
+                       dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Inputs are validated by the caller.
+
+    q ``(B, Hq, Tq, Dqk)``, k ``(B, Hkv, Tk, Dqk)``, v ``(B, Hkv, Tk, Dv)``, any strides;
+    mask None or bool/float broadcastable to ``(B, Hq, Tq, Tk)``.
+    Returns ``out (B, Hq, Tq, Dv)`` (q's dtype, contiguous) and ``lse (B, Hq, Tq)`` float32.
+    """
+    B, Hq, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    out = _alloc(B, Hq, Tq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = _alloc(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    m, m_strides, mask_kind, row_bcast = _mask_args(mask, (B, Hq, Tq, Tk), q)
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    _flash_fwd_kernel[grid](
+        q, k, v, out, lse, m,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
+        Hq, Hq // Hkv, Tq, Tk, scale * LOG2E, window_left, window_right, diag_offset,
+        seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), _bucket(Tq), _bucket(Tk),
+        **_common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p),
+    )
+    return out, lse
+
+
+def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, mask: torch.Tensor | None, dlse: torch.Tensor | None = None, *,
+                        scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
+                        dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels (preprocess, dK/dV, dQ). Same arguments as the forward, plus
+    ``dout (B, Hq, Tq, Dv)``, the forward's ``out`` and ``lse``, and optionally ``dlse (B, Hq, Tq)``.
+    Returns ``dq, dk, dv`` shaped and typed like q, k, v (contiguous)."""
+    B, Hq, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = _alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
+    if Tq == 0 or Tk == 0 or B * Hq == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    delta = _alloc(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    preprocess_block = 64
+    block_dv = _block_d(v.shape[-1])
+    _bwd_preprocess_kernel[(triton.cdiv(Tq, preprocess_block), B * Hq)](
+        out, dout, dlse.contiguous() if dlse is not None else delta, delta,
+        *out.stride(), *dout.stride(), Hq, Tq,
+        HEAD_DIM_V=v.shape[-1], BLOCK_DV=block_dv, HAS_DLSE=dlse is not None, BLOCK_M=preprocess_block,
+    )
+    m, m_strides, mask_kind, row_bcast = _mask_args(mask, (B, Hq, Tq, Tk), q)
+    constexprs = _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p)
+    runtime = (scale, scale * LOG2E, window_left, window_right, diag_offset,
+               seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), _bucket(Tq), _bucket(Tk))
+    grid_kv = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+    _flash_bwd_dkdv_kernel[grid_kv](
+        q, k, v, dout, lse, delta, dk, dv, m,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *m_strides,
+        Hq, Hkv, Hq // Hkv, Tq, Tk, *runtime, **constexprs,
+    )
+    grid_q = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    _flash_bwd_dq_kernel[grid_q](
+        q, k, v, dout, lse, delta, dq, m,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *m_strides,
+        Hq, Hq // Hkv, Tq, Tk, *runtime, **constexprs,
+    )
+    return dq, dk, dv

@@ -1,0 +1,68 @@
+"""Shared test helpers: random inputs and the comparison of a backend with the float64 reference."""
+
+from __future__ import annotations
+
+import torch
+
+import effattn
+from effattn.testing import TOLERANCES, assert_close
+
+
+def make_qkv(B=2, Hq=2, Hkv=None, Tq=33, Tk=None, D=64, Dv=None, dtype=torch.float16, device="cpu",
+             layout="bhtd", requires_grad=True):
+    """Random q ``(B, Hq, Tq, D)``, k ``(B, Hkv, Tk, D)``, v ``(B, Hkv, Tk, Dv)``.
+
+    ``layout="bthd"`` makes them non-contiguous views of ``(B, T, H, D)`` storage, as a model that
+    splits heads after a projection produces.
+    """
+    Hkv = Hq if Hkv is None else Hkv
+    Tk = Tq if Tk is None else Tk
+    Dv = D if Dv is None else Dv
+
+    def rand(b, h, t, d):
+        if layout == "bthd":
+            x = torch.randn(b, t, h, d, dtype=dtype, device=device).transpose(1, 2)
+        else:
+            x = torch.randn(b, h, t, d, dtype=dtype, device=device)
+        return x.requires_grad_(requires_grad)
+
+    return rand(B, Hq, Tq, D), rand(B, Hkv, Tk, D), rand(B, Hkv, Tk, Dv)
+
+
+def _as_ref(x):
+    return None if x is None else x.detach().to("cpu", torch.float64 if x.is_floating_point() else x.dtype)
+
+
+def compare_with_reference(q, k, v, *, backend="triton", grad=True, lse_grad=False, **kwargs):
+    """Run ``effattn.flash_attention`` on ``backend`` and on the float64 reference; compare out, lse, grads.
+
+    Returns ``(out, lse)`` of the backend for further checks.
+    """
+    dtype = q.dtype
+    out, lse = effattn.flash_attention(q, k, v, return_lse=True, backend=backend, **kwargs)
+    assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[-1])
+    ref_kwargs = {n: (_as_ref(a) if isinstance(a, torch.Tensor) else a) for n, a in kwargs.items()}
+    qr, kr, vr = (_as_ref(x).requires_grad_(grad) for x in (q, k, v))
+    ref_out, ref_lse = effattn.flash_attention(qr, kr, vr, return_lse=True, backend="reference", **ref_kwargs)
+    assert_close(out.cpu(), ref_out, dtype, "fwd", "out")
+    assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(ref_lse)), "lse: rows with no visible key differ"
+    finite = torch.isfinite(ref_lse)
+    assert_close(lse.cpu()[finite], ref_lse[finite], dtype, "lse", "lse")
+    if not grad:
+        return out, lse
+    dout = torch.randn_like(out)
+    loss = (out * dout).float().sum()
+    ref_loss = (ref_out * _as_ref(dout)).sum()
+    if lse_grad:
+        dlse = torch.randn_like(lse)
+        loss = loss + (lse.masked_fill(torch.isinf(lse), 0) * dlse).sum()
+        ref_loss = ref_loss + (ref_lse.masked_fill(torch.isinf(ref_lse), 0) * _as_ref(dlse)).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_grads = torch.autograd.grad(ref_loss, (qr, kr, vr))
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.dtype == dtype
+        assert_close(g.cpu(), rg, dtype, "grad", name)
+    return out, lse
+
+
+__all__ = ["TOLERANCES", "compare_with_reference", "make_qkv"]
