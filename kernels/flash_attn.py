@@ -49,49 +49,52 @@ _alloc = torch.empty
 # ----------------------------------------------------------------------------------------------
 # autotuning: configs per head dim on the GPU, one small fixed config under the interpreter
 # ----------------------------------------------------------------------------------------------
-# max head dim the row is meant for, BLOCK_M, BLOCK_N, warps, stages
-_FWD_SHAPES = [
-    (64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (64, 64, 64, 4, 4), (64, 128, 32, 4, 4),
-    (128, 128, 64, 8, 3), (128, 128, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 128, 8, 2),
-    (256, 64, 32, 4, 2), (256, 64, 64, 8, 2), (256, 128, 32, 8, 2), (256, 32, 32, 4, 2),
-]
-_BWD_KV_SHAPES = [  # BLOCK_M = query rows streamed, BLOCK_N = keys owned
-    (64, 32, 128, 4, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 3),
-    (128, 32, 128, 8, 2), (128, 64, 64, 8, 2), (128, 32, 64, 4, 2),
-    (256, 32, 64, 8, 1), (256, 16, 64, 4, 1), (256, 32, 32, 4, 1),
-]
-_BWD_Q_SHAPES = [  # BLOCK_M = queries owned, BLOCK_N = keys streamed
-    (64, 128, 32, 4, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 3),
-    (128, 128, 32, 8, 2), (128, 64, 64, 8, 2), (128, 64, 32, 4, 2),
-    (256, 64, 32, 8, 1), (256, 64, 16, 4, 1), (256, 32, 32, 4, 1),
-]
-# Under the interpreter: small, non-square blocks so that tests cover several blocks, ragged
-# edges and all three loop segments at small sizes.
-_INTERPRET_FWD = (32, 16)
-_INTERPRET_BWD_KV = (16, 32)
-_INTERPRET_BWD_Q = (32, 16)
+# Per head-dim class (the largest padded head dim it serves): (BLOCK_M, BLOCK_N, num_warps, num_stages).
+HEAD_DIM_CLASSES = (64, 128, 256)
+FWD_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+}
+BWD_KV_CONFIGS = {  # BLOCK_M = query rows streamed, BLOCK_N = keys owned
+    64: [(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+    128: [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+    256: [(32, 64, 8, 1), (16, 64, 4, 1), (32, 32, 4, 1)],
+}
+BWD_Q_CONFIGS = {  # BLOCK_M = queries owned, BLOCK_N = keys streamed
+    64: [(128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+    256: [(64, 32, 8, 1), (64, 16, 4, 1), (32, 32, 4, 1)],
+}
+# Under the interpreter: one small, non-square config each, so that tests cover several blocks,
+# ragged edges and all three loop segments at small sizes.
+INTERPRET_FWD = (32, 16)
+INTERPRET_BWD_KV = (16, 32)
+INTERPRET_BWD_Q = (32, 16)
 
 
-def _autotune_configs(shapes, interpret_blocks):
+def head_dim_class(head_dim: int) -> int:
+    """The smallest head-dim class holding ``head_dim`` (the padded BLOCK_D)."""
+    return min(d for d in HEAD_DIM_CLASSES if d >= head_dim)
+
+
+def _autotune_configs(table, interpret_blocks):
     if INTERPRET:
         bm, bn = interpret_blocks
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=None)
-            for _, bm, bn, w, s in shapes]
+    rows = dict.fromkeys(row for rows in table.values() for row in rows)  # ordered, without duplicates
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
 
 
-def _prune_for(shapes):
-    """Keep the configs written for the smallest head-dim class that holds this call's head dims."""
-    by_key = {(bm, bn, w, s): d for d, bm, bn, w, s in shapes}
+def _prune_for(table):
+    """Autotune pruning: keep the configs listed for the head-dim class of this call."""
 
     def prune(configs, named_args, **kwargs):
         if INTERPRET:
             return configs
-        head_dim = max(named_args.get("BLOCK_DQK", kwargs.get("BLOCK_DQK")),
-                       named_args.get("BLOCK_DV", kwargs.get("BLOCK_DV")))
-        cls = min(d for d in (64, 128, 256) if d >= head_dim)
-        kept = [c for c in configs
-                if by_key.get((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)) == cls]
+        args = {**named_args, **kwargs}
+        wanted = set(table[head_dim_class(max(args["BLOCK_DQK"], args["BLOCK_DV"]))])
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         return kept or configs
 
     return prune
@@ -257,8 +260,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_autotune_configs(_FWD_SHAPES, _INTERPRET_FWD), key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune_for(_FWD_SHAPES)})
+@triton.autotune(configs=_autotune_configs(FWD_CONFIGS, INTERPRET_FWD), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_for(FWD_CONFIGS)})
 @triton.jit
 def _flash_fwd_kernel(
     Q, K, V, O, LSE, MASK,
@@ -415,8 +418,8 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base
     return dk, dv
 
 
-@triton.autotune(configs=_autotune_configs(_BWD_KV_SHAPES, _INTERPRET_BWD_KV), key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune_for(_BWD_KV_SHAPES)})
+@triton.autotune(configs=_autotune_configs(BWD_KV_CONFIGS, INTERPRET_BWD_KV), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_for(BWD_KV_CONFIGS)})
 @triton.jit
 def _flash_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
@@ -526,8 +529,8 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, 
     return dq
 
 
-@triton.autotune(configs=_autotune_configs(_BWD_Q_SHAPES, _INTERPRET_BWD_Q), key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune_for(_BWD_Q_SHAPES)})
+@triton.autotune(configs=_autotune_configs(BWD_Q_CONFIGS, INTERPRET_BWD_Q), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_for(BWD_Q_CONFIGS)})
 @triton.jit
 def _flash_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, MASK,

@@ -1,0 +1,44 @@
+"""The GPU autotuning tables: every head-dim class has configs that fit an H100's shared memory,
+and pruning picks the class of the call. (These run without a GPU: they check the tables.)"""
+
+import pytest
+import triton
+
+from effattn.kernels import flash_attn as fa
+
+SMEM_BYTES = 227 * 1024  # H100 / A100-class opt-in shared memory per block
+TABLES = {"fwd": fa.FWD_CONFIGS, "bwd_kv": fa.BWD_KV_CONFIGS, "bwd_q": fa.BWD_Q_CONFIGS}
+
+
+def _smem_estimate(kind, bm, bn, stages, d, elem):
+    """Bytes of the tiles a config keeps in shared memory (pipelined operands x stages)."""
+    if kind == "fwd":  # Q resident; K, V streamed
+        return bm * d * elem + stages * bn * 2 * d * elem
+    if kind == "bwd_kv":  # K, V resident; Q, dO streamed
+        return bn * 2 * d * elem + stages * bm * 2 * d * elem
+    return bm * 2 * d * elem + stages * bn * 2 * d * elem  # bwd_q: Q, dO resident; K, V streamed
+
+
+@pytest.mark.parametrize("kind", TABLES)
+@pytest.mark.parametrize("head_dim", fa.HEAD_DIM_CLASSES)
+@pytest.mark.parametrize("elem", [2, 4])
+def test_each_class_has_configs_that_fit(kind, head_dim, elem):
+    rows = TABLES[kind][head_dim]
+    assert rows
+    for bm, bn, warps, stages in rows:
+        assert bm >= 16 and bn >= 16 and triton.next_power_of_2(bm) == bm and triton.next_power_of_2(bn) == bn
+        assert warps in (4, 8) and stages >= 1
+    fits = [r for r in rows if _smem_estimate(kind, r[0], r[1], r[3], head_dim, elem) <= SMEM_BYTES]
+    assert fits, f"no {kind} config for head dim {head_dim} fits in shared memory at {elem}-byte elements"
+    if elem == 2:
+        assert len(fits) == len(rows), "every fp16/bf16 config should fit"
+
+
+@pytest.mark.parametrize("head_dims,cls", [((16, 16), 64), ((64, 32), 64), ((128, 64), 128), ((64, 256), 256)])
+def test_prune_picks_the_head_dim_class(monkeypatch, head_dims, cls):
+    monkeypatch.setattr(fa, "INTERPRET", False)
+    all_configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for rows in fa.FWD_CONFIGS.values() for bm, bn, w, s in rows]
+    kept = fa._prune_for(fa.FWD_CONFIGS)(all_configs, {}, BLOCK_DQK=head_dims[0], BLOCK_DV=head_dims[1])
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == set(
+        fa.FWD_CONFIGS[cls])
