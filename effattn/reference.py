@@ -48,7 +48,7 @@ __all__ = [
 # Dropout compares the top DROPOUT_BITS bits of a 32-bit Philox draw with a threshold.
 DROPOUT_BITS = 24
 # Elements of one chunk of scores (B * Hq * rows * Tk) held at once by the chunked implementation.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 # Output buffers come from here (tests swap in a NaN-filling allocator).
 _alloc = torch.empty
@@ -140,47 +140,51 @@ def _grouped(x: torch.Tensor, n_kv: int) -> torch.Tensor:
     return x.unflatten(1, (n_kv, x.shape[1] // n_kv))
 
 
-def _chunk_rows(B: int, Hq: int, Tq: int, Tk: int) -> int:
-    return max(1, min(Tq, CHUNK_ELEMENTS // max(1, B * Hq * Tk)))
+def _key_range(r0: int, r1: int, Tk: int, window_left: int, window_right: int, diag_offset: int) -> tuple[int, int]:
+    """Keys ``[c0, c1)`` that some query of ``[r0, r1)`` may see under the window rule."""
+    c0 = max(0, r0 + diag_offset - window_left) if window_left >= 0 else 0
+    c1 = min(Tk, r1 + diag_offset + window_right) if window_right >= 0 else Tk
+    return (c0, c1) if c1 > c0 else (0, 0)
 
 
-def _chunk_scores(q_c, k, mask, row0, rows, *, scale, window_left, window_right, diag_offset,
-                  dropout_p, seed, Hq):
-    """Scores (log2-free, natural units) of one query chunk, masked; and the dropout keep mask.
+def _chunks(q, k, mask, *, scale, window_left, window_right, diag_offset, dropout_p, seed):
+    """Query chunks of at most ``CHUNK_ELEMENTS`` scores, each against the keys it may see.
 
-    ``q_c``: ``(B, Hkv, G, R, D)`` in compute dtype; ``k``: ``(B, Hkv, 1, Tk, D)``.
-    Returns ``s (B, Hkv, G, R, Tk)`` with ``-inf`` where masked, and ``keep`` (same shape) or None.
+    Yields ``(rows, cols, q_c, s, keep)``: the query and key slices, the chunk's queries
+    ``(B, Hkv, G, R, Dqk)`` in compute dtype, masked scores ``s (B, Hkv, G, R, C)`` (``-inf`` where
+    masked) and the dropout keep mask (same shape) or None.
     """
-    B, n_kv, G, R, _ = q_c.shape
-    Tk = k.shape[-2]
-    s = torch.matmul(q_c, k.transpose(-1, -2)) * scale
+    B, Hq, Tq, _ = q.shape
+    n_kv, Tk = k.shape[1], k.shape[2]
+    cdt = _compute_dtype(q.dtype)
+    kc = k.to(cdt)[:, :, None]
     if mask is not None:
-        m = _grouped(mask[:, :, row0:row0 + R], n_kv)
-        if m.dtype == torch.bool:
-            s = s.masked_fill(~m, float("-inf"))
-        else:
-            s = s + m.to(s.dtype)
-    cols = torch.arange(Tk, device=s.device)
-    vis = _visible(rows, cols, window_left, window_right, diag_offset)
-    if vis is not None:
-        s = s.masked_fill(~vis, float("-inf"))
-    keep = None
-    if dropout_p > 0.0:
-        bh = torch.arange(B * Hq, device=s.device).view(B, n_kv, G, 1, 1)
-        keep = dropout_keep(seed, dropout_p, bh, rows.view(1, 1, 1, R, 1), cols.view(1, 1, 1, 1, Tk))
-    return s, keep
-
-
-def _row_lse(s: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the last dim; ``-inf`` for an all ``-inf`` row."""
-    return torch.logsumexp(s, dim=-1)
+        mask = mask.expand(B, Hq, Tq, Tk)
+    step = max(1, min(Tq, CHUNK_ELEMENTS // max(1, B * Hq * Tk)))
+    for r0 in range(0, Tq, step):
+        r1 = min(Tq, r0 + step)
+        c0, c1 = _key_range(r0, r1, Tk, window_left, window_right, diag_offset)
+        rows, cols = slice(r0, r1), slice(c0, c1)
+        q_c = _grouped(q[:, :, rows].to(cdt), n_kv)
+        s = torch.matmul(q_c, kc[:, :, :, cols].transpose(-1, -2)) * scale
+        if mask is not None:
+            m = _grouped(mask[:, :, rows, cols], n_kv)
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(cdt)
+        row_idx = torch.arange(r0, r1, device=q.device)
+        col_idx = torch.arange(c0, c1, device=q.device)
+        vis = _visible(row_idx, col_idx, window_left, window_right, diag_offset)
+        if vis is not None:
+            s = s.masked_fill(~vis, float("-inf"))
+        keep = None
+        if dropout_p > 0.0:
+            bh = torch.arange(B * Hq, device=q.device).view(B, n_kv, Hq // n_kv, 1, 1)
+            keep = dropout_keep(seed, dropout_p, bh, row_idx.view(-1, 1), col_idx.view(1, -1))
+        yield rows, cols, q_c, s, keep
 
 
 def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """``exp(s - lse)``, 0 on rows whose lse is ``-inf`` (no visible key)."""
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(s - safe[..., None])
-    return torch.where(torch.isinf(lse)[..., None], torch.zeros_like(p), p)
+    """``exp(s - lse)``; a row with no visible key has ``lse = -inf`` and all ``s = -inf``, so P = 0."""
+    return torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -195,29 +199,20 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         ``out (B, Hq, Tq, Dv)`` in q's dtype, ``lse (B, Hq, Tq)`` float32 (float64 for float64 inputs).
     """
     B, Hq, Tq, _ = q.shape
-    n_kv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cdt = _compute_dtype(q.dtype)
-    if mask is not None:
-        mask = mask.expand(B, Hq, Tq, Tk)
-    kc = k.to(cdt)[:, :, None]
     vc = v.to(cdt)[:, :, None]
-    out = _alloc(B, Hq, Tq, Dv, dtype=q.dtype, device=q.device)
+    out = _alloc(B, Hq, Tq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = _alloc(B, Hq, Tq, dtype=cdt, device=q.device)
-    drop_scale = dropout_scale(dropout_p) if dropout_p > 0.0 else 1.0
-    step = _chunk_rows(B, Hq, Tq, Tk)
-    for row0 in range(0, Tq, step):
-        rows = torch.arange(row0, min(Tq, row0 + step), device=q.device)
-        q_c = _grouped(q[:, :, row0:row0 + len(rows)].to(cdt), n_kv)
-        s, keep = _chunk_scores(q_c, kc, mask, row0, rows, scale=scale, window_left=window_left,
-                                window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p,
-                                seed=seed, Hq=Hq)
-        lse_c = _row_lse(s)
+    drop_scale = dropout_scale(dropout_p)
+    for rows, cols, _, s, keep in _chunks(q, k, mask, scale=scale, window_left=window_left,
+                                          window_right=window_right, diag_offset=diag_offset,
+                                          dropout_p=dropout_p, seed=seed):
+        lse_c = torch.logsumexp(s, dim=-1)  # -inf for a row with no visible key
         p = _probs(s, lse_c)
         if keep is not None:
             p = p * keep * drop_scale
-        o_c = torch.matmul(p, vc)
-        out[:, :, row0:row0 + len(rows)] = o_c.flatten(1, 2).to(q.dtype)
-        lse[:, :, row0:row0 + len(rows)] = lse_c.flatten(1, 2)
+        out[:, :, rows] = torch.matmul(p, vc[:, :, :, cols]).flatten(1, 2).to(q.dtype)
+        lse[:, :, rows] = lse_c.flatten(1, 2)
     return out, lse
 
 
@@ -232,11 +227,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     ``delta = rowsum(dO∘O) - dlse`` and ``Z`` the scaled dropout keep mask;
     ``dQ = scale·dS K``, ``dK = scale·dS^T Q``.
     """
-    B, Hq, Tq, _ = q.shape
-    n_kv, Tk = k.shape[1], k.shape[2]
+    n_kv = k.shape[1]
     cdt = _compute_dtype(q.dtype)
-    if mask is not None:
-        mask = mask.expand(B, Hq, Tq, Tk)
     kc = k.to(cdt)[:, :, None]
     vc = v.to(cdt)[:, :, None]
     dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
@@ -245,27 +237,22 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     delta = (dout.to(cdt) * out.to(cdt)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(cdt)
-    drop_scale = dropout_scale(dropout_p) if dropout_p > 0.0 else 1.0
-    step = _chunk_rows(B, Hq, Tq, Tk)
-    for row0 in range(0, Tq, step):
-        rows = torch.arange(row0, min(Tq, row0 + step), device=q.device)
-        sl = slice(row0, row0 + len(rows))
-        q_c = _grouped(q[:, :, sl].to(cdt), n_kv)
-        do_c = _grouped(dout[:, :, sl].to(cdt), n_kv)
-        s, keep = _chunk_scores(q_c, kc, mask, row0, rows, scale=scale, window_left=window_left,
-                                window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p,
-                                seed=seed, Hq=Hq)
-        p = _probs(s, _grouped(lse[:, :, sl].to(cdt), n_kv))
-        dp = torch.matmul(do_c, vc.transpose(-1, -2))
+    drop_scale = dropout_scale(dropout_p)
+    for rows, cols, q_c, s, keep in _chunks(q, k, mask, scale=scale, window_left=window_left,
+                                            window_right=window_right, diag_offset=diag_offset,
+                                            dropout_p=dropout_p, seed=seed):
+        do_c = _grouped(dout[:, :, rows].to(cdt), n_kv)
+        p = _probs(s, _grouped(lse[:, :, rows].to(cdt), n_kv))
+        dp = torch.matmul(do_c, vc[:, :, :, cols].transpose(-1, -2))
         p_drop = p
         if keep is not None:
             z = keep.to(p.dtype) * drop_scale
             p_drop = p * z
             dp = dp * z
-        dv += torch.matmul(p_drop.transpose(-1, -2), do_c).sum(2)
-        ds = p * (dp - _grouped(delta[:, :, sl], n_kv)[..., None])
-        dq[:, :, sl] = (torch.matmul(ds, kc) * scale).flatten(1, 2).to(q.dtype)
-        dk += (torch.matmul(ds.transpose(-1, -2), q_c) * scale).sum(2)
+        dv[:, :, cols] += torch.matmul(p_drop.transpose(-1, -2), do_c).sum(2)
+        ds = p * (dp - _grouped(delta[:, :, rows], n_kv)[..., None])
+        dq[:, :, rows] = (torch.matmul(ds, kc[:, :, :, cols]) * scale).flatten(1, 2).to(q.dtype)
+        dk[:, :, cols] += (torch.matmul(ds.transpose(-1, -2), q_c) * scale).sum(2)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -25,6 +25,7 @@ in ``effattn.flash``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -34,6 +35,9 @@ import triton.language as tl
 from effattn.reference import dropout_scale, dropout_threshold
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# EFFATTN_AUTOTUNE=0: take the first config of each head-dim class instead of benchmarking them
+# all (bounded compile time, e.g. for a test run on the GPU).
+AUTOTUNE = os.environ.get("EFFATTN_AUTOTUNE", "1") != "0"
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -84,6 +88,35 @@ def _autotune_configs(table, interpret_blocks):
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
     rows = dict.fromkeys(row for rows in table.values() for row in rows)  # ordered, without duplicates
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+
+
+_forced_configs: dict[str, tuple[int, int, int, int]] = {}
+
+
+@contextlib.contextmanager
+def forced_configs(fwd=None, bwd_kv=None, bwd_q=None):
+    """Run the kernels with the given ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` configs instead of
+    autotuning (None leaves a kernel autotuned): for tests of every GPU tile shape and for tuning."""
+    saved = dict(_forced_configs)
+    _forced_configs.update({k: v for k, v in (("fwd", fwd), ("bwd_kv", bwd_kv), ("bwd_q", bwd_q)) if v})
+    try:
+        yield
+    finally:
+        _forced_configs.clear()
+        _forced_configs.update(saved)
+
+
+def _launch(kernel, kind: str, table, grid, args, constexprs):
+    """Launch an autotuned kernel, or with a fixed config (forced, or the class's first without autotuning)."""
+    config = _forced_configs.get(kind)
+    if config is None and not AUTOTUNE and not INTERPRET:
+        config = table[head_dim_class(max(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"]))][0]
+    if config is None:
+        kernel[grid](*args, **constexprs)
+        return
+    bm, bn, warps, stages = config
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+    kernel.fn[grid(meta)](*args, **constexprs, **meta, num_warps=warps, num_stages=stages)
 
 
 def _prune_for(table):
@@ -656,13 +689,12 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         return out, lse
     m, m_strides, mask_kind, row_bcast = _mask_args(mask, (B, Hq, Tq, Tk), q)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    _flash_fwd_kernel[grid](
-        q, k, v, out, lse, m,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
-        Hq, Hq // Hkv, Tq, Tk, scale * LOG2E, window_left, window_right, diag_offset,
-        seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), _bucket(Tq), _bucket(Tk),
-        **_common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p),
-    )
+    args = (q, k, v, out, lse, m,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
+            Hq, Hq // Hkv, Tq, Tk, scale * LOG2E, window_left, window_right, diag_offset,
+            seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), _bucket(Tq), _bucket(Tk))
+    _launch(_flash_fwd_kernel, "fwd", FWD_CONFIGS, grid, args,
+            _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p))
     return out, lse
 
 
@@ -694,15 +726,13 @@ def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     runtime = (scale, scale * LOG2E, window_left, window_right, diag_offset,
                seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), _bucket(Tq), _bucket(Tk))
     grid_kv = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    _flash_bwd_dkdv_kernel[grid_kv](
-        q, k, v, dout, lse, delta, dk, dv, m,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *m_strides,
-        Hq, Hkv, Hq // Hkv, Tq, Tk, *runtime, **constexprs,
-    )
+    _launch(_flash_bwd_dkdv_kernel, "bwd_kv", BWD_KV_CONFIGS, grid_kv,
+            (q, k, v, dout, lse, delta, dk, dv, m,
+             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *m_strides,
+             Hq, Hkv, Hq // Hkv, Tq, Tk, *runtime), constexprs)
     grid_q = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    _flash_bwd_dq_kernel[grid_q](
-        q, k, v, dout, lse, delta, dq, m,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *m_strides,
-        Hq, Hq // Hkv, Tq, Tk, *runtime, **constexprs,
-    )
+    _launch(_flash_bwd_dq_kernel, "bwd_q", BWD_Q_CONFIGS, grid_q,
+            (q, k, v, dout, lse, delta, dq, m,
+             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *m_strides,
+             Hq, Hq // Hkv, Tq, Tk, *runtime), constexprs)
     return dq, dk, dv

@@ -42,3 +42,23 @@ def test_prune_picks_the_head_dim_class(monkeypatch, head_dims, cls):
     kept = fa._prune_for(fa.FWD_CONFIGS)(all_configs, {}, BLOCK_DQK=head_dims[0], BLOCK_DV=head_dims[1])
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == set(
         fa.FWD_CONFIGS[cls])
+
+
+def _config_rows():
+    """The i-th config of every table, per head-dim class (the shorter tables repeat their last row)."""
+    for cls in fa.HEAD_DIM_CLASSES:
+        n = max(len(t[cls]) for t in TABLES.values())
+        for i in range(n):
+            yield pytest.param(cls, *(t[cls][min(i, len(t[cls]) - 1)] for t in TABLES.values()), id=f"D{cls}-{i}")
+
+
+@pytest.mark.parametrize("cls,fwd,bwd_kv,bwd_q", list(_config_rows()))
+def test_every_gpu_config_is_correct(device, cls, fwd, bwd_kv, bwd_q):
+    """Each tile shape of the GPU tables, forced, against the float64 reference (on CPU through the
+    interpreter: the tile logic at real block sizes; on CUDA: also that each config compiles and runs)."""
+    from tests.helpers import compare_with_reference, make_qkv
+
+    D = cls - cls // 4  # a non-power-of-two head dim inside the class (48, 96, 192)
+    with fa.forced_configs(fwd=fwd, bwd_kv=bwd_kv, bwd_q=bwd_q):
+        compare_with_reference(*make_qkv(B=1, Hq=2, Hkv=1, Tq=150, Tk=200, D=D, device=device), causal=True,
+                               window=(100, None))

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The whole check on a CUDA machine, in one command and within 10 minutes:
+#
+#   bash bench/gpu_check.sh            # from anywhere; runs in the repository root
+#
+# 1. nvidia-smi and the versions of python, torch, CUDA, triton;
+# 2. the test suite on CUDA (EFFATTN_TEST_DEVICE=cuda), time-boxed, logged to $OUT/tests_cuda.log;
+# 3. the h100 benchmark preset on CUDA, time-boxed, its files written to $OUT.
+#
+# Uses the machine's own python, torch and triton (PYTHON overrides the interpreter); installs
+# nothing and needs no network. Output directory: $OUT, or bench/results when OUT is unset. It holds
+# 7 files: tests_cuda.log, attention.json, attention.csv, attention.md, attention_time.png,
+# attention_tflops.png, attention_memory.png.
+#
+# Time: tests at most TEST_TIMEOUT_S; the benchmark stops starting new rows after the preset's
+# budget (300 s) and is interrupted (SIGINT: it still writes its files) at BENCH_TIMEOUT_S.
+# Exit status: 0 when the tests pass and the benchmark found no wrong output.
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+OUT_DIR="${OUT:-bench/results}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-230}"
+BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-345}"
+KILL_AFTER_S=15
+mkdir -p "$OUT_DIR"
+
+echo "== machine"
+nvidia-smi || echo "nvidia-smi failed (exit $?)"
+"$PYTHON" - <<'EOF'
+import platform
+import torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA runtime {torch.version.cuda}")
+try:
+    import triton
+    print(f"triton {triton.__version__}")
+except Exception as e:
+    print(f"triton not importable: {e}")
+if torch.cuda.is_available():
+    print(f"GPU {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}")
+else:
+    print("torch sees no CUDA device")
+EOF
+"$PYTHON" -m effattn.info || echo "effattn.info failed (exit $?)"
+
+echo "== tests on CUDA (at most ${TEST_TIMEOUT_S} s)"
+# EFFATTN_AUTOTUNE=0: one config per head-dim class (compile time stays bounded); every config of
+# the tables is still compiled and checked by tests/test_kernel_configs.py. Workers compile in parallel.
+EFFATTN_TEST_DEVICE=cuda EFFATTN_AUTOTUNE=0 timeout -k "$KILL_AFTER_S" "$TEST_TIMEOUT_S" \
+    "$PYTHON" -m pytest tests -q -n "${TEST_WORKERS:-8}" --maxfail=25 2>&1 | tee "$OUT_DIR/tests_cuda.log"
+test_rc=$?
+[ "$test_rc" -eq 124 ] && echo "tests stopped after ${TEST_TIMEOUT_S} s" | tee -a "$OUT_DIR/tests_cuda.log"
+
+echo "== benchmark, preset h100 (at most ${BENCH_TIMEOUT_S} s)"
+timeout -s INT -k "$KILL_AFTER_S" "$BENCH_TIMEOUT_S" \
+    "$PYTHON" -m bench --preset h100 --device cuda --out "$OUT_DIR"
+bench_rc=$?
+
+echo "== done: tests exit $test_rc, benchmark exit $bench_rc; files in $OUT_DIR:"
+ls -l "$OUT_DIR"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

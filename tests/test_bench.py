@@ -1,0 +1,196 @@
+"""The benchmark harness (``python -m bench``): end to end on a tiny preset, FLOP counts, argument errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from bench import bench_attention
+from bench.cases import PRESETS, expand
+from bench.flops import attention_flops, visible_pairs
+from bench.providers import PROVIDERS, NotSupportedError, Provider
+from bench.runner import STATUS_ERROR, STATUS_OK, STATUS_OOM, STATUS_SKIPPED, STATUS_WRONG, run_sweep
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROW_STATUSES = {"ok", "skipped", "WRONG", "OOM", "error"}
+TORCH_PROVIDERS = ("naive", "sdpa")  # torch's own code: any failure of theirs here is the harness's
+DEVICE = os.environ.get("EFFATTN_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _run_cli(tmp_path, *args):
+    rc = bench_attention.main(["--preset", "tiny", "--out", str(tmp_path), "--quiet", *args])
+    return rc, json.loads((tmp_path / "attention.json").read_text())
+
+
+def _check_rows(rows, device):
+    for row in rows:
+        assert row["status"] in ROW_STATUSES, row
+        if row["status"] == STATUS_OK:
+            assert row["ms"] > 0 and row["tflops"] > 0, row
+            assert row["flops"] == attention_flops(row["batch"], row["heads_q"], row["seqlen_q"], row["seqlen_k"],
+                                                   row["headdim"], row["causal"], row["mode"])
+        else:
+            assert row["reason"], row
+        if row["provider"] in TORCH_PROVIDERS:
+            assert row["status"] == STATUS_OK, row
+        assert row["device"] == device
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+# ----------------------------------------------------------------------------------------------
+def test_cli_tiny_cpu_writes_valid_files(tmp_path, capsys):
+    rc, doc = _run_cli(tmp_path, "--device", "cpu")
+    assert rc in (0, 1)  # 1: some provider's output was wrong; the files are written all the same
+    printed = capsys.readouterr().out
+    assert "provider" in printed and "TFLOP/s" in printed
+
+    meta, rows = doc["metadata"], doc["rows"]
+    for key in ("hostname", "device_name", "torch", "python", "date_utc", "command", "git_commit", "timing"):
+        assert key in meta
+    assert meta["device"] == "cpu" and "--preset tiny" in meta["command"]
+    assert len(rows) == len(expand(PRESETS["tiny"], "cpu")) * len(PROVIDERS)
+    _check_rows(rows, "cpu")
+    assert {r["provider"] for r in rows if r["status"] == STATUS_SKIPPED} >= {"effattn-triton", "flex"}
+    naive_ok = [r for r in rows if r["provider"] == "naive" and r["status"] == STATUS_OK]
+    assert all(r["speedup_naive"] == pytest.approx(1.0) for r in naive_ok)
+    assert all(r["best_peer"] == "sdpa" for r in naive_ok)
+
+    with (tmp_path / "attention.csv").open(newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert {"provider", "mode", "ms", "tflops", "peak_mib", "hostname", "torch", "date_utc"} <= set(csv_rows[0])
+    assert [r["provider"] for r in csv_rows] == [r["provider"] for r in rows]
+
+    markdown = (tmp_path / "attention.md").read_text()
+    assert markdown.startswith("# ")
+    assert "| provider | mode |" in markdown and "|---|" in markdown
+
+    pngs = sorted(tmp_path.glob("*.png"))
+    if importlib.util.find_spec("matplotlib") is None:
+        assert not pngs
+    else:
+        assert [p.name for p in pngs] == ["attention_memory.png", "attention_tflops.png", "attention_time.png"]
+        assert all(p.read_bytes().startswith(PNG_MAGIC) for p in pngs)
+
+
+def test_cli_backward_alone(tmp_path):
+    rc, doc = _run_cli(tmp_path, "--device", "cpu", "--mode", "bwd", "--seqlen", "64", "--no-plots",
+                       "--providers", "naive", "sdpa", "effattn")
+    assert rc in (0, 1)
+    assert {r["mode"] for r in doc["rows"]} == {"bwd"}
+    _check_rows(doc["rows"], "cpu")
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cli_tiny_cuda(tmp_path):
+    providers = [name for name in PROVIDERS if name != "flex"]  # flex compiles per shape: too slow here
+    rc, doc = _run_cli(tmp_path, "--device", "cuda", "--seqlen", "128", "--no-plots", "--providers", *providers)
+    assert rc in (0, 1)
+    _check_rows(doc["rows"], "cuda")
+    assert doc["metadata"]["device_name"] == torch.cuda.get_device_name()
+
+
+class _FakeProvider(Provider):
+    """A provider whose call does something wrong, to check that the sweep reports it and goes on."""
+
+    def __init__(self, name, behaviour):
+        self.name, self.behaviour = name, behaviour
+
+    def build(self, case):
+        def attn(q, k, v):
+            if self.behaviour == "wrong":
+                return torch.zeros_like(q)
+            if self.behaviour == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+            if self.behaviour == "unsupported":
+                raise NotSupportedError("head dim 32 not supported")
+            raise ValueError("broken provider")
+
+        return attn
+
+
+def test_sweep_reports_failures_and_goes_on(monkeypatch):
+    behaviours = {"wrong": STATUS_WRONG, "oom": STATUS_OOM, "unsupported": STATUS_SKIPPED, "error": STATUS_ERROR}
+    for behaviour in behaviours:
+        monkeypatch.setitem(PROVIDERS, f"fake-{behaviour}", _FakeProvider(f"fake-{behaviour}", behaviour))
+    case = expand(PRESETS["tiny"], "cpu")[0]
+    names = [f"fake-{b}" for b in behaviours] + ["sdpa"]
+    rows = run_sweep([case], names, timing=PRESETS["tiny"].timing, progress=False)
+    assert [r.status for r in rows] == [*behaviours.values(), STATUS_OK]
+    for row in rows[:-1]:
+        assert row.ms is None and row.reason
+    assert "out of atol" in rows[0].reason and "64.00 GiB" in rows[1].reason and "head dim" in rows[2].reason
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counts
+# ----------------------------------------------------------------------------------------------
+def _brute_force_pairs(tq, tk, causal):
+    """Count (i, j) with key j visible to query i; causal is bottom-right aligned: j <= i + tk - tq."""
+    return sum(1 for i in range(tq) for j in range(tk) if not causal or j <= i + tk - tq)
+
+
+@pytest.mark.parametrize("tq, tk", [(1, 1), (3, 5), (5, 3), (7, 7), (1, 9), (9, 1), (4, 37), (37, 4), (64, 64),
+                                    (33, 100), (100, 33), (0, 5), (5, 0)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_visible_pairs_brute_force(tq, tk, causal):
+    assert visible_pairs(tq, tk, causal) == _brute_force_pairs(tq, tk, causal)
+
+
+def test_visible_pairs_against_mask():
+    """Same count as the keys effattn's naive attention gives weight to (its output against V = I is P)."""
+    from effattn.reference import naive_attention
+
+    for tq, tk in ((6, 10), (10, 6), (8, 8)):
+        q = torch.randn(1, 1, tq, 4, dtype=torch.float64)
+        k = torch.randn(1, 1, tk, 4, dtype=torch.float64)
+        identity = torch.eye(tk, dtype=torch.float64)[None, None]
+        probs = naive_attention(q, k, identity, window_right=0, diag_offset=tk - tq)
+        assert int((probs > 0).sum()) == visible_pairs(tq, tk, True)
+
+
+def test_attention_flops_convention():
+    B, H, T, D = 2, 8, 1024, 64
+    dense = attention_flops(B, H, T, T, D, causal=False)
+    assert dense == 4 * B * H * T * T * D
+    assert attention_flops(B, H, T, T, D, causal=True) == 4 * B * H * D * T * (T + 1) // 2
+    assert attention_flops(B, H, T, T, D, causal=False, mode="bwd") == dense * 5 // 2
+    assert attention_flops(B, H, T, T, D, causal=False, mode="fwd+bwd") == dense * 7 // 2
+    with pytest.raises(ValueError, match="mode"):
+        attention_flops(B, H, T, T, D, causal=False, mode="sideways")
+
+
+# ----------------------------------------------------------------------------------------------
+# argument errors
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, named", [
+    (["--providers", "nope"], "--providers"),
+    (["--preset", "nope"], "--preset"),
+    (["--dtype", "fp8"], "--dtype"),
+    (["--seqlen", "0"], "--seqlen"),
+    (["--mode", "sideways"], "--mode"),
+    (["--causal", "maybe"], "--causal"),
+    (["--batch", "2", "--tokens", "4096"], "--tokens"),
+    (["--heads", "6", "--gqa", "4"], "--gqa"),
+])
+def test_bad_arguments(args, named, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        bench_attention.main(["--device", "cpu", "--out", str(tmp_path), *args])
+    assert exc.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_asked_for_without_gpu(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_attention.main(["--device", "cuda"])
+    assert exc.value.code == 2
+    assert "--device" in capsys.readouterr().err
