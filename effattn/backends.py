@@ -37,6 +37,8 @@ class AttentionCall:
     Tq: int
     Tk: int
     dropout: bool
+    batch: int = 1
+    heads: int = 1
 
 
 class Backend(abc.ABC):
@@ -84,6 +86,7 @@ class TritonBackend(Backend):
     description = "Triton flash-attention kernels (fwd + bwd)"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     max_head_dim = 256
+    max_grid_yz = 65535  # the launch grid is (blocks, heads, batch); CUDA caps its y and z axes
 
     @functools.cached_property
     def _import_error(self) -> str | None:
@@ -117,6 +120,9 @@ class TritonBackend(Backend):
         for what, d in (("q/k", call.head_dim_qk), ("v", call.head_dim_v)):
             if d > self.max_head_dim:
                 reasons.append(f"head dim of {what} is {d}, more than {self.max_head_dim}")
+        if max(call.batch, call.heads) > self.max_grid_yz:
+            reasons.append(f"batch ({call.batch}) and heads ({call.heads}) must each be <= {self.max_grid_yz} "
+                           "(CUDA launch grid)")
         if call.dropout and max(call.Tq, call.Tk) >= 2**32:
             reasons.append("dropout needs sequence lengths below 2**32 (32-bit Philox counters)")
         return reasons

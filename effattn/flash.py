@@ -100,9 +100,12 @@ def _draw_seed(dropout_p: float, dropout_seed: int | None) -> int:
 
 def _run(q, k, v, mask, shape, *, scale, window_left, window_right, diag_offset, dropout_p, seed, backend):
     call = AttentionCall(device=q.device, dtype=q.dtype, head_dim_qk=shape.Dqk, head_dim_v=shape.Dv,
-                         Tq=shape.Tq, Tk=shape.Tk, dropout=dropout_p > 0.0)
+                         Tq=shape.Tq, Tk=shape.Tk, dropout=dropout_p > 0.0, batch=shape.B, heads=shape.Hq)
     chosen = select_backend(call, backend)
     scale = 1.0 / math.sqrt(shape.Dqk) if scale is None else float(scale)
+    # A window wider than both sequences is unbounded on that side; clamping keeps kernel ints small.
+    span = shape.Tq + shape.Tk
+    window_left, window_right = min(window_left, span), min(window_right, span)
     return attention_fwd(q, k, v, mask, scale, window_left, window_right, diag_offset, float(dropout_p), seed,
                          chosen.name)
 

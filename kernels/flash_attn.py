@@ -26,11 +26,13 @@ in ``effattn.flash``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from effattn.reference import dropout_scale, dropout_threshold
 
@@ -63,7 +65,7 @@ FWD_CONFIGS = {
 BWD_KV_CONFIGS = {  # BLOCK_M = query rows streamed, BLOCK_N = keys owned
     64: [(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
     128: [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
-    256: [(32, 64, 8, 1), (16, 64, 4, 1), (32, 32, 4, 1)],
+    256: [(32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1)],
 }
 BWD_Q_CONFIGS = {  # BLOCK_M = queries owned, BLOCK_N = keys streamed
     64: [(128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
@@ -75,6 +77,7 @@ BWD_Q_CONFIGS = {  # BLOCK_M = queries owned, BLOCK_N = keys streamed
 INTERPRET_FWD = (32, 16)
 INTERPRET_BWD_KV = (16, 32)
 INTERPRET_BWD_Q = (32, 16)
+PREPROCESS_BLOCK_M = 64  # rows of delta = rowsum(dO * O) per program (a quarter above head dim 128)
 
 
 def head_dim_class(head_dim: int) -> int:
@@ -107,16 +110,21 @@ def forced_configs(fwd=None, bwd_kv=None, bwd_q=None):
 
 
 def _launch(kernel, kind: str, table, grid, args, constexprs):
-    """Launch an autotuned kernel, or with a fixed config (forced, or the class's first without autotuning)."""
-    config = _forced_configs.get(kind)
-    if config is None and not AUTOTUNE and not INTERPRET:
-        config = table[head_dim_class(max(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"]))][0]
-    if config is None:
+    """Launch an autotuned kernel, or with a fixed config: the forced one, or without autotuning the
+    first config of the head-dim class that fits the device (e.g. float32 tiles need more shared memory)."""
+    forced = _forced_configs.get(kind)
+    if forced is None and (AUTOTUNE or INTERPRET):
         kernel[grid](*args, **constexprs)
         return
-    bm, bn, warps, stages = config
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn}
-    kernel.fn[grid(meta)](*args, **constexprs, **meta, num_warps=warps, num_stages=stages)
+    candidates = [forced] if forced else table[head_dim_class(max(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"]))]
+    for i, (bm, bn, warps, stages) in enumerate(candidates):
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+        try:
+            kernel.fn[grid(meta)](*args, **constexprs, **meta, num_warps=warps, num_stages=stages)
+            return
+        except OutOfResources:
+            if i == len(candidates) - 1:
+                raise
 
 
 def _prune_for(table):
@@ -147,6 +155,21 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile_ptrs(base, start, stride_t, stride_d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+               TRANSPOSED: tl.constexpr):
+    """Pointers to rows ``[start, start + BLOCK_T)`` x ``[0, BLOCK_D)`` of a ``(T, D)`` matrix, as a
+    ``(BLOCK_T, BLOCK_D)`` tile or its transpose. The row offset is 64-bit: long sequences of
+    strided (e.g. ``(B, T, H, D)``) tensors do not overflow."""
+    base = base + tl.cast(start, tl.int64) * stride_t
+    t = tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    if TRANSPOSED:
+        return base + t[None, :] * stride_t + d[:, None] * stride_d
+    else:
+        return base + t[:, None] * stride_t + d[None, :] * stride_d
 
 
 @triton.jit
@@ -225,9 +248,10 @@ def _masked_scores(s, mask_base, rows, cols, stride_mi, stride_mj, Tq, Tk,
     """Apply the user mask to log2-domain scores ``s`` (tile indexed by broadcast ``rows``, ``cols``)."""
     if MASK_KIND != 0:
         if MASK_ROW_BCAST:  # e.g. a key padding mask: one row of Tk values, broadcast over the queries
-            m = tl.load(mask_base + cols * stride_mj, mask=cols < Tk, other=0)
+            m = tl.load(mask_base + cols.to(tl.int64) * stride_mj, mask=cols < Tk, other=0)
         else:
-            m = tl.load(mask_base + rows * stride_mi + cols * stride_mj, mask=(rows < Tq) & (cols < Tk), other=0)
+            m = tl.load(mask_base + rows.to(tl.int64) * stride_mi + cols.to(tl.int64) * stride_mj,
+                        mask=(rows < Tq) & (cols < Tk), other=0)
         if MASK_KIND == 1:
             s = tl.where(m != 0, s, float("-inf"))
         else:
@@ -265,9 +289,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # -- load K^T and V (rows past Tk only in masked segments) --
         n_ok = offs_n < Tk
-        kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_dqk[:, None] * stride_kd,
+        kT = tl.load(_tile_ptrs(k_base, start_n, stride_kt, stride_kd, BLOCK_N, BLOCK_DQK, True),
                      mask=n_ok[None, :] & (offs_dqk[:, None] < HEAD_DIM_QK), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+        v = tl.load(_tile_ptrs(v_base, start_n, stride_vt, stride_vd, BLOCK_N, BLOCK_DV, False),
                     mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         # -- compute qk (log2 domain) and mask it --
         s = _dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, DOT_PRECISION) * qk_scale
@@ -317,9 +341,9 @@ def _flash_fwd_kernel(
     """
     tl.static_assert(BLOCK_DQK >= 16)
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    off_b = bh // Hq
-    off_h = bh % Hq
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    bh = off_b * Hq + off_h
     off_kvh = off_h // GROUP
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -333,7 +357,7 @@ def _flash_fwd_kernel(
 
     # -- load the query tile once --
     m_ok = offs_m < Tq
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_dqk[None, :] * stride_qd,
+    q = tl.load(_tile_ptrs(q_base, m0, stride_qt, stride_qd, BLOCK_M, BLOCK_DQK, False),
                 mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -366,7 +390,7 @@ def _flash_fwd_kernel(
         out = out * drop_scale
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
+    tl.store(_tile_ptrs(o_base, m0, stride_ot, stride_od, BLOCK_M, BLOCK_DV, False), out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
 
@@ -382,16 +406,16 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA,
                            HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO ∘ O) - dlse, float32 ``(B, Hq, Tq)``."""
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    off_b = bh // Hq
-    off_h = bh % Hq
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    bh = off_b * Hq + off_h
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
     ok = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM_V)
-    o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=ok, other=0.0)
-    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
+    o = tl.load(_tile_ptrs(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh, start_m * BLOCK_M,
+                           stride_ot, stride_od, BLOCK_M, BLOCK_DV, False), mask=ok, other=0.0)
+    do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh,
+                            start_m * BLOCK_M, stride_dot, stride_dod, BLOCK_M, BLOCK_DV, False), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
@@ -420,9 +444,9 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Tq
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_dqk[None, :] * stride_qd,
+        q = tl.load(_tile_ptrs(q_base, start_m, stride_qt, stride_qd, BLOCK_M, BLOCK_DQK, False),
                     mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
+        do = tl.load(_tile_ptrs(do_base, start_m, stride_dot, stride_dod, BLOCK_M, BLOCK_DV, False),
                      mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         lse2 = _load_lse2(LSE, row_base, offs_m, Tq)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -473,20 +497,19 @@ def _flash_bwd_dkdv_kernel(
 ):
     """One program: dK, dV of BLOCK_N keys of one (batch, KV head), summed over its GQA query heads."""
     start_n = tl.program_id(0)
-    bkv = tl.program_id(1)
-    off_b = bkv // Hkv
-    off_kvh = bkv % Hkv
+    off_kvh = tl.program_id(1)
+    off_b = tl.program_id(2)
     n0 = start_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < Tk
 
-    k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_kt + offs_dqk[None, :] * stride_kd,
+    k = tl.load(_tile_ptrs(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh, n0,
+                           stride_kt, stride_kd, BLOCK_N, BLOCK_DQK, False),
                 mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-    v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+    v = tl.load(_tile_ptrs(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh, n0,
+                           stride_vt, stride_vd, BLOCK_N, BLOCK_DV, False),
                 mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -516,11 +539,11 @@ def _flash_bwd_dkdv_kernel(
                 UPCAST_DOT, DOT_PRECISION)
 
     dk = dk * sm_scale
-    tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh
-             + offs_n[:, None] * stride_dkt + offs_dqk[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+    tl.store(_tile_ptrs(DK + off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh, n0,
+                        stride_dkt, stride_dkd, BLOCK_N, BLOCK_DQK, False), dk.to(DK.dtype.element_ty),
              mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK))
-    tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_kvh.to(tl.int64) * stride_dvh
-             + offs_n[:, None] * stride_dvt + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+    tl.store(_tile_ptrs(DV + off_b.to(tl.int64) * stride_dvb + off_kvh.to(tl.int64) * stride_dvh, n0,
+                        stride_dvt, stride_dvd, BLOCK_N, BLOCK_DV, False), dv.to(DV.dtype.element_ty),
              mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
@@ -538,9 +561,9 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, 
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Tk
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_dqk[None, :] * stride_kd,
+        k = tl.load(_tile_ptrs(k_base, start_n, stride_kt, stride_kd, BLOCK_N, BLOCK_DQK, False),
                     mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-        vT = tl.load(v_base + offs_n[None, :] * stride_vt + offs_dv[:, None] * stride_vd,
+        vT = tl.load(_tile_ptrs(v_base, start_n, stride_vt, stride_vd, BLOCK_N, BLOCK_DV, True),
                      mask=n_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
         # -- recompute P --
         s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT,
@@ -583,9 +606,9 @@ def _flash_bwd_dq_kernel(
 ):
     """One program: dQ of BLOCK_M queries of one (batch, query head), streaming the keys they see."""
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    off_b = bh // Hq
-    off_h = bh % Hq
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    bh = off_b * Hq + off_h
     off_kvh = off_h // GROUP
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -594,11 +617,11 @@ def _flash_bwd_dq_kernel(
     m_ok = offs_m < Tq
     row_base = bh.to(tl.int64) * Tq
 
-    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qt + offs_dqk[None, :] * stride_qd,
+    q = tl.load(_tile_ptrs(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh, m0,
+                           stride_qt, stride_qd, BLOCK_M, BLOCK_DQK, False),
                 mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
+    do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh, m0,
+                            stride_dot, stride_dod, BLOCK_M, BLOCK_DV, False),
                  mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     lse2 = _load_lse2(LSE, row_base, offs_m, Tq)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -625,8 +648,8 @@ def _flash_bwd_dq_kernel(
             UPCAST_DOT, DOT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqt + offs_dqk[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+    tl.store(_tile_ptrs(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh, m0,
+                        stride_dqt, stride_dqd, BLOCK_M, BLOCK_DQK, False), dq.to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK))
 
 
@@ -672,6 +695,20 @@ def _common_constexprs(q, k, v, window_left, window_right, mask_kind, mask_row_b
     )
 
 
+def _on_tensor_device(launcher):
+    """Run a launcher with its first tensor's CUDA device current (Triton launches on the current device)."""
+
+    @functools.wraps(launcher)
+    def wrapper(first, *args, **kwargs):
+        if first.is_cuda:
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+
+    return wrapper
+
+
+@_on_tensor_device
 def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
                        scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
                        dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -688,7 +725,7 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     if out.numel() == 0:
         return out, lse
     m, m_strides, mask_kind, row_bcast = _mask_args(mask, (B, Hq, Tq, Tk), q)
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), Hq, B)  # noqa: E731
     args = (q, k, v, out, lse, m,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
             Hq, Hq // Hkv, Tq, Tk, scale * LOG2E, window_left, window_right, diag_offset,
@@ -698,6 +735,7 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return out, lse
 
 
+@_on_tensor_device
 def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, mask: torch.Tensor | None, dlse: torch.Tensor | None = None, *,
                         scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
@@ -714,9 +752,9 @@ def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     delta = _alloc(B, Hq, Tq, dtype=torch.float32, device=q.device)
-    preprocess_block = 64
+    preprocess_block = PREPROCESS_BLOCK_M if v.shape[-1] <= 128 else PREPROCESS_BLOCK_M // 4
     block_dv = _block_d(v.shape[-1])
-    _bwd_preprocess_kernel[(triton.cdiv(Tq, preprocess_block), B * Hq)](
+    _bwd_preprocess_kernel[(triton.cdiv(Tq, preprocess_block), Hq, B)](
         out, dout, dlse.contiguous() if dlse is not None else delta, delta,
         *out.stride(), *dout.stride(), Hq, Tq,
         HEAD_DIM_V=v.shape[-1], BLOCK_DV=block_dv, HAS_DLSE=dlse is not None, BLOCK_M=preprocess_block,
@@ -725,12 +763,12 @@ def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     constexprs = _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p)
     runtime = (scale, scale * LOG2E, window_left, window_right, diag_offset,
                seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), _bucket(Tq), _bucket(Tk))
-    grid_kv = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+    grid_kv = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
     _launch(_flash_bwd_dkdv_kernel, "bwd_kv", BWD_KV_CONFIGS, grid_kv,
             (q, k, v, dout, lse, delta, dk, dv, m,
              *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *m_strides,
              Hq, Hkv, Hq // Hkv, Tq, Tk, *runtime), constexprs)
-    grid_q = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    grid_q = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), Hq, B)  # noqa: E731
     _launch(_flash_bwd_dq_kernel, "bwd_q", BWD_Q_CONFIGS, grid_q,
             (q, k, v, dout, lse, delta, dq, m,
              *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *m_strides,

@@ -89,6 +89,12 @@ def test_forced_backend_gives_reasons():
         effattn.flash_attention(t["q"], t["k"], t["v"], backend="triton")
 
 
+def test_launch_grid_limit_is_a_reason():
+    q = torch.randn(70_000, 1, 1, 16)
+    with pytest.raises(UnsupportedInputError, match=r"batch \(70000\) and heads \(1\) must each be <= 65535"):
+        effattn.flash_attention(q, q, q, backend="triton")
+
+
 def test_env_backend(monkeypatch):
     monkeypatch.setenv("EFFATTN_BACKEND", "nope")
     t = qkv()

@@ -184,3 +184,10 @@ _EDGES = [14, 15, 16, 17, 31, 33, 63, 64, 127]
 def test_window_edges_sweep(device, Tq, Tk, side, w):
     window = (w, None) if side == "left" else (None, w)
     compare_with_reference(*make_qkv(B=1, Hq=1, Tq=Tq, Tk=Tk, D=16, device=device), window=window)
+
+
+def test_huge_window_is_unbounded(device):
+    """A window wider than both sequences (clamped on the host) equals no window."""
+    q, k, v = make_qkv(Tq=40, Tk=50, D=32, device=device)
+    wide = effattn.flash_attention(q, k, v, window=(2**40, 2**35), backend="triton")
+    torch.testing.assert_close(wide, effattn.flash_attention(q, k, v, backend="triton"), atol=0, rtol=0)

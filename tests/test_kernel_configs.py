@@ -62,3 +62,35 @@ def test_every_gpu_config_is_correct(device, cls, fwd, bwd_kv, bwd_q):
     with fa.forced_configs(fwd=fwd, bwd_kv=bwd_kv, bwd_q=bwd_q):
         compare_with_reference(*make_qkv(B=1, Hq=2, Hkv=1, Tq=150, Tk=200, D=D, device=device), causal=True,
                                window=(100, None))
+
+
+class _FakeKernel:
+    """Stands in for an autotuned kernel: records launches, runs out of shared memory for big tiles."""
+
+    def __init__(self, max_block_m):
+        self.max_block_m = max_block_m
+        self.launched = []
+        outer = self
+
+        class _Fn:
+            def __getitem__(self, grid):
+                def launch(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **kw):
+                    if BLOCK_M > outer.max_block_m:
+                        raise fa.OutOfResources(300_000, 232_448, "shared memory")
+                    outer.launched.append((BLOCK_M, BLOCK_N, num_warps, num_stages))
+                return launch
+
+        self.fn = _Fn()
+
+
+def test_fixed_config_falls_back_when_out_of_resources(monkeypatch):
+    """Without autotuning, the first config of the class that fits is used."""
+    monkeypatch.setattr(fa, "INTERPRET", False)
+    monkeypatch.setattr(fa, "AUTOTUNE", False)
+    kernel = _FakeKernel(max_block_m=64)
+    fa._launch(kernel, "fwd", fa.FWD_CONFIGS, lambda meta: (1,), (), {"BLOCK_DQK": 128, "BLOCK_DV": 128})
+    first_fitting = next(c for c in fa.FWD_CONFIGS[128] if c[0] <= 64)
+    assert kernel.launched == [first_fitting]
+    with pytest.raises(fa.OutOfResources):
+        fa._launch(_FakeKernel(max_block_m=16), "fwd", fa.FWD_CONFIGS, lambda meta: (1,), (),
+                   {"BLOCK_DQK": 128, "BLOCK_DV": 128})
