@@ -1,0 +1,104 @@
+"""Compile effattn's Triton kernels ahead of time for sm_90 (H100) without a GPU.
+
+Run as a script (``python -m tests.aot_sm90``) in a process where ``TRITON_INTERPRET`` is unset: it
+compiles a set of kernel variants to cubin with Triton's bundled ptxas and prints one JSON line per
+variant (shared memory, registers, spill stack, or the error). ``tests/test_compile_sm90.py`` runs it.
+This checks what the interpreter cannot: that the kernels lower to GPU code and fit the hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from multiprocessing import Pool
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import ASTSource  # noqa: E402
+
+from effattn.kernels import flash_attn as fa  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
+FP32_POINTERS = {"LSE", "DELTA", "DLSE"}
+FLOAT_ARGS = {"qk_scale", "sm_scale", "drop_scale"}
+TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+
+# (name, kernel, dtype, head dim, (BLOCK_M, BLOCK_N, warps, stages), mask dtype or None, other constexprs)
+VARIANTS = [
+    ("fwd fp16 D64 causal-window bool-kpm dropout", "fwd", "fp16", 64, fa.FWD_CONFIGS[64][0], "u8",
+     dict(HAS_WINDOW_LEFT=True, HAS_WINDOW_RIGHT=True, MASK_KIND=fa.MASK_BOOL, MASK_ROW_BCAST=True,
+          HAS_DROPOUT=True)),
+    ("fwd bf16 D128 float-mask", "fwd", "bf16", 128, fa.FWD_CONFIGS[128][0], "fp32",
+     dict(MASK_KIND=fa.MASK_FLOAT)),
+    ("fwd fp32 D256 ieee", "fwd", "fp32", 256, fa.FWD_CONFIGS[256][-1], None, dict(DOT_PRECISION="ieee")),
+    ("dkdv fp16 D128 window dropout", "bwd_kv", "fp16", 128, fa.BWD_KV_CONFIGS[128][0], None,
+     dict(HAS_WINDOW_LEFT=True, HAS_WINDOW_RIGHT=True, HAS_DROPOUT=True)),
+    ("dkdv bf16 D256 causal", "bwd_kv", "bf16", 256, fa.BWD_KV_CONFIGS[256][0], None, dict(HAS_WINDOW_RIGHT=True)),
+    ("dq fp16 D80 bool-mask", "bwd_q", "fp16", 80, fa.BWD_Q_CONFIGS[128][0], "u8", dict(MASK_KIND=fa.MASK_BOOL)),
+]
+KERNELS = {"fwd": fa._flash_fwd_kernel, "bwd_kv": fa._flash_bwd_dkdv_kernel, "bwd_q": fa._flash_bwd_dq_kernel}
+
+
+def _signature(jit, dtype, mask_dtype, constexprs):
+    sig = {}
+    for name in jit.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in POINTERS:
+            sig[name] = "*" + TRITON_DTYPE[dtype]
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name == "MASK":
+            sig[name] = "*" + (mask_dtype or TRITON_DTYPE[dtype])
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name == "seed":
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _resources(cubin: bytes) -> dict:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"registers": int(m[1]), "stack": int(m[2])} if m else {}
+
+
+def compile_variant(variant) -> dict:
+    name, kind, dtype, head_dim, (bm, bn, warps, stages), mask_dtype, extra = variant
+    jit = KERNELS[kind].fn
+    constexprs = dict(HEAD_DIM_QK=head_dim, HEAD_DIM_V=head_dim, BLOCK_DQK=fa._block_d(head_dim),
+                      BLOCK_DV=fa._block_d(head_dim), HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=False,
+                      MASK_KIND=fa.MASK_NONE, MASK_ROW_BCAST=False, HAS_DROPOUT=False, UPCAST_DOT=False,
+                      DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn)
+    constexprs.update(extra)
+    try:
+        src = ASTSource(jit, _signature(jit, dtype, mask_dtype, constexprs), constexprs=constexprs)
+        compiled = triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+        return {"variant": name, "shared": compiled.metadata.shared, **_resources(compiled.asm["cubin"])}
+    except Exception as e:  # reported, and failed by the test
+        return {"variant": name, "error": f"{type(e).__name__}: {str(e)[-800:]}"}
+
+
+def main() -> None:
+    with Pool(min(2, os.cpu_count() or 1)) as pool:
+        for result in pool.imap_unordered(compile_variant, VARIANTS):
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
