@@ -213,6 +213,7 @@ def run_one(case: Case, provider_name: str, problem: _Problem, timing: harness.T
         _free_memory(case.device)
         return row
     call = None
+    failed = False
     try:
         attn = provider.build(case)
         row.rel_err, failure = check(case, provider_outputs(case, attn, sets[0]), ref)
@@ -231,9 +232,10 @@ def run_one(case: Case, provider_name: str, problem: _Problem, timing: harness.T
     except Exception as e:
         row.status, row.reason = (STATUS_OOM if _is_oom(e) else STATUS_ERROR), _short(e)
         row.ms = row.tflops = row.peak_mib = None
-        call = None
-        _free_memory(case.device)
+        failed = True
     del call
+    if failed:  # after the except block, so that the traceback no longer holds the tensors
+        _free_memory(case.device)
     return row
 
 

@@ -47,8 +47,10 @@ __all__ = [
 
 # Dropout compares the top DROPOUT_BITS bits of a 32-bit Philox draw with a threshold.
 DROPOUT_BITS = 24
-# Elements of one chunk of scores (B * Hq * rows * Tk) held at once by the chunked implementation.
+# Elements of one chunk of scores (B * Hq * rows * Tk) held at once by the chunked implementation:
+# small on CPU (cache-sized), large on GPUs (few chunks, each a big matmul).
 CHUNK_ELEMENTS = 1 << 20
+CUDA_CHUNK_ELEMENTS = 1 << 27
 
 # Output buffers come from here (tests swap in a NaN-filling allocator).
 _alloc = torch.empty
@@ -160,7 +162,8 @@ def _chunks(q, k, mask, *, scale, window_left, window_right, diag_offset, dropou
     kc = k.to(cdt)[:, :, None]
     if mask is not None:
         mask = mask.expand(B, Hq, Tq, Tk)
-    step = max(1, min(Tq, CHUNK_ELEMENTS // max(1, B * Hq * Tk)))
+    budget = CUDA_CHUNK_ELEMENTS if q.is_cuda else CHUNK_ELEMENTS
+    step = max(1, min(Tq, budget // max(1, B * Hq * Tk)))
     for r0 in range(0, Tq, step):
         r1 = min(Tq, r0 + step)
         c0, c1 = _key_range(r0, r1, Tk, window_left, window_right, diag_offset)

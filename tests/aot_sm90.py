@@ -16,7 +16,8 @@ import sys
 import tempfile
 from multiprocessing import Pool
 
-os.environ.pop("TRITON_INTERPRET", None)
+if __name__ == "__main__":  # compiling needs the real (not interpreted) triton.jit
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
