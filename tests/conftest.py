@@ -31,7 +31,6 @@ import torch  # noqa: E402
 import effattn.reference as reference  # noqa: E402
 from effattn.kernels import flash_attn  # noqa: E402
 
-requires_cuda = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture
