@@ -18,6 +18,7 @@ import torch
 
 from effattn import _validate
 from effattn.backends import AttentionCall, get_backend, select_backend
+from effattn.reference import compute_dtype
 
 __all__ = ["flash_attention", "scaled_dot_product_attention"]
 
@@ -32,10 +33,6 @@ def _kwargs(scale, window_left, window_right, diag_offset, dropout_p, seed):
                 dropout_p=dropout_p, seed=seed)
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("effattn::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   window_left: int, window_right: int, diag_offset: int, dropout_p: float, seed: int,
@@ -43,14 +40,14 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     """Validated attention forward on a named backend: ``out (B, Hq, Tq, Dv)``, ``lse (B, Hq, Tq)``."""
     out, lse = get_backend(backend).forward(q, k, v, mask, **_kwargs(scale, window_left, window_right,
                                                                       diag_offset, dropout_p, seed))
-    return out, lse.to(_lse_dtype(q.dtype))
+    return out, lse.to(compute_dtype(q.dtype))
 
 
 @attention_fwd.register_fake
 def _(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed, backend):
     B, Hq, Tq, _ = q.shape
     out = q.new_empty(B, Hq, Tq, v.shape[-1])
-    lse = q.new_empty(B, Hq, Tq, dtype=_lse_dtype(q.dtype))
+    lse = q.new_empty(B, Hq, Tq, dtype=compute_dtype(q.dtype))
     return out, lse
 
 

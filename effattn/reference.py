@@ -38,6 +38,7 @@ __all__ = [
     "DROPOUT_BITS",
     "attention_backward",
     "attention_forward",
+    "compute_dtype",
     "dropout_keep",
     "dropout_scale",
     "dropout_threshold",
@@ -133,7 +134,8 @@ def _visible(rows: torch.Tensor, cols: torch.Tensor, window_left: int, window_ri
     return keep
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and lse) dtype for inputs of ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -158,7 +160,7 @@ def _chunks(q, k, mask, *, scale, window_left, window_right, diag_offset, dropou
     """
     B, Hq, Tq, _ = q.shape
     n_kv, Tk = k.shape[1], k.shape[2]
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     kc = k.to(cdt)[:, :, None]
     if mask is not None:
         mask = mask.expand(B, Hq, Tq, Tk)
@@ -202,7 +204,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         ``out (B, Hq, Tq, Dv)`` in q's dtype, ``lse (B, Hq, Tq)`` float32 (float64 for float64 inputs).
     """
     B, Hq, Tq, _ = q.shape
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     vc = v.to(cdt)[:, :, None]
     out = _alloc(B, Hq, Tq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = _alloc(B, Hq, Tq, dtype=cdt, device=q.device)
@@ -231,7 +233,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     ``dQ = scale·dS K``, ``dK = scale·dS^T Q``.
     """
     n_kv = k.shape[1]
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     kc = k.to(cdt)[:, :, None]
     vc = v.to(cdt)[:, :, None]
     dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
@@ -274,7 +276,7 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     B, Hq, Tq, D = q.shape
     n_kv, Tk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    dt = _compute_dtype(q.dtype) if upcast else q.dtype
+    dt = compute_dtype(q.dtype) if upcast else q.dtype
     G = Hq // n_kv
     kk = k.to(dt).repeat_interleave(G, dim=1)
     vv = v.to(dt).repeat_interleave(G, dim=1)

@@ -32,7 +32,6 @@ import effattn.reference as reference  # noqa: E402
 from effattn.kernels import flash_attn  # noqa: E402
 
 
-
 @pytest.fixture
 def device() -> str:
     return DEVICE
