@@ -5,6 +5,8 @@ Public API:
 * :func:`flash_attention` — exact attention (FlashAttention), forward and backward, GQA, causal,
   sliding window, key padding, dropout.
 * :func:`scaled_dot_product_attention` — drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+* :func:`pooled_attention` — Funnel-Transformer attention with queries pooled inside the kernel;
+  :func:`pooled_positions`, :func:`pool_key_padding_mask` for the pooled sequence.
 * :mod:`effattn.reference` — the reference implementation every backend is tested against.
 * ``python -m effattn.info`` — which backends run on this machine, and why not.
 """
@@ -20,14 +22,19 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
 
 from effattn.backends import BACKENDS, UnsupportedInputError, get_backend, select_backend  # noqa: E402
 from effattn.flash import flash_attention, scaled_dot_product_attention  # noqa: E402
+from effattn.pooled import QueryPool, pool_key_padding_mask, pooled_attention, pooled_positions  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "QueryPool",
     "UnsupportedInputError",
     "flash_attention",
     "get_backend",
+    "pool_key_padding_mask",
+    "pooled_attention",
+    "pooled_positions",
     "scaled_dot_product_attention",
     "select_backend",
 ]

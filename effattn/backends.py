@@ -39,6 +39,7 @@ class AttentionCall:
     dropout: bool
     batch: int = 1
     heads: int = 1
+    pool: reference.QueryPool | None = None
 
 
 class Backend(abc.ABC):
@@ -85,8 +86,10 @@ class TritonBackend(Backend):
     name = "triton"
     description = "Triton flash-attention kernels (fwd + bwd)"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim = 256
+    max_head_dim_qk = 1024  # QK features beyond the usual head dims: e.g. Funnel's fused relative terms
+    max_head_dim_v = 256
     max_grid_yz = 65535  # the launch grid is (blocks, heads, batch); CUDA caps its y and z axes
+    max_pool_stride = 16  # kernels.flash_attn.MAX_POOL_STRIDE (the pooling loop is unrolled)
 
     @functools.cached_property
     def _import_error(self) -> str | None:
@@ -117,14 +120,20 @@ class TritonBackend(Backend):
             reasons.append(f"device type {call.device.type!r} not supported")
         if call.dtype not in self.dtypes:
             reasons.append(f"dtype {call.dtype} not supported (float16, bfloat16, float32)")
-        for what, d in (("q/k", call.head_dim_qk), ("v", call.head_dim_v)):
-            if d > self.max_head_dim:
-                reasons.append(f"head dim of {what} is {d}, more than {self.max_head_dim}")
+        for what, d, most in (("q/k", call.head_dim_qk, self.max_head_dim_qk), ("v", call.head_dim_v,
+                                                                                self.max_head_dim_v)):
+            if d > most:
+                reasons.append(f"head dim of {what} is {d}, more than {most}")
         if max(call.batch, call.heads) > self.max_grid_yz:
             reasons.append(f"batch ({call.batch}) and heads ({call.heads}) must each be <= {self.max_grid_yz} "
                            "(CUDA launch grid)")
         if call.dropout and max(call.Tq, call.Tk) >= 2**32:
             reasons.append("dropout needs sequence lengths below 2**32 (32-bit Philox counters)")
+        if call.pool is not None:
+            if call.pool.stride > self.max_pool_stride:
+                reasons.append(f"pooling stride {call.pool.stride} is more than {self.max_pool_stride}")
+            if call.pool.separate_cls and call.pool.stride == 1:
+                reasons.append("separate_cls with stride 1 (the [cls] row would be pooled twice)")
         return reasons
 
     @property

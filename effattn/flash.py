@@ -73,15 +73,20 @@ def _setup_context(ctx, inputs, output):
     ctx.scalars = scalars
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, mask, dlse, *ctx.scalars)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+def _backward_with(bwd_op):
+    """Autograd backward of a forward op ``(q, k, v, mask, *scalars) -> (out, lse)`` through ``bwd_op``."""
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, mask, dlse, *ctx.scalars)
+        return dq, dk, dv, None, *([None] * len(ctx.scalars))
+
+    return backward
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+attention_fwd.register_autograd(_backward_with(attention_bwd), setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +122,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         q: ``(B, Hq, Tq, D)``; k: ``(B, Hkv, Tk, D)``; v: ``(B, Hkv, Tk, Dv)``. float16, bfloat16 or
             float32 (float64 on the reference backend); any strides. ``Hq`` must be a multiple of
             ``Hkv`` (GQA/MQA): query head ``h`` uses KV head ``h // (Hq // Hkv)``. ``Tq`` may differ from
-            ``Tk``. The Triton backend takes head dims up to 256, any size (e.g. 40, 80, 96, 160).
+            ``Tk``. The Triton backend takes any head dim (e.g. 40, 80, 96, 160) up to 256 for v and
+            up to 1024 for q/k (QK dims above 256 run on small tiles: for extra score features).
         causal: query ``i`` sees keys ``j <= i + Tk - Tq``: the diagonal is aligned to the
             bottom-right corner of the score matrix (FlashAttention 2.1+). When ``Tq > Tk`` the first
             ``Tq - Tk`` queries see no key.

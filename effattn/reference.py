@@ -22,6 +22,10 @@ Semantics shared by every backend (the kernels reproduce them exactly):
 * ``mask``: a bool (True = keep) or float (added to the scores) tensor broadcastable to
   ``(B, Hq, Tq, Tk)``.
 * A query row with no visible key gets output 0 (and zero gradients), never NaN.
+* Query pooling (Funnel-Transformer, :class:`QueryPool`): the queries are first pooled along the
+  sequence (:func:`pool_queries`), keys and values are not. Query row ``i`` then sits at position
+  ``i * stride + diag_offset`` of the key grid (clamped at 0 with ``separate_cls``: the [cls] query is
+  token 0), and the window rule above uses that position in place of ``i + diag_offset``.
 * Dropout keeps score ``(b, h, i, j)`` iff ``philox(seed; j, i, b * Hq + h, 0)[0] >> 8 >= threshold``
   with ``threshold = round(dropout_p * 2**24)``; kept probabilities are scaled by
   ``2**24 / (2**24 - threshold)``. The forward and the backward of every backend draw the same bits
@@ -31,11 +35,14 @@ Semantics shared by every backend (the kernels reproduce them exactly):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "DROPOUT_BITS",
+    "QueryPool",
     "attention_backward",
     "attention_forward",
     "compute_dtype",
@@ -44,6 +51,9 @@ __all__ = [
     "dropout_threshold",
     "naive_attention",
     "philox_randint",
+    "pool_queries",
+    "pool_queries_backward",
+    "pooled_positions",
 ]
 
 # Dropout compares the top DROPOUT_BITS bits of a 32-bit Philox draw with a threshold.
@@ -118,11 +128,116 @@ def dropout_keep(seed: int, dropout_p: float, batch_heads: torch.Tensor, rows: t
 
 
 # ----------------------------------------------------------------------------------------------
+# query pooling (Funnel-Transformer)
+# ----------------------------------------------------------------------------------------------
+POOL_MODES = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class QueryPool:
+    """How queries are pooled along the sequence, as Funnel-Transformer's ``pool_tensor`` does.
+
+    With ``separate_cls`` the sequence is first rewritten ``x' = [x_0] + x[:-1]`` (``truncate``) or
+    ``x' = [x_0] + x``; then windows of ``stride`` rows, step ``stride``, are pooled (mean or max) with
+    ceil mode (a short last window is pooled over the rows it has). So with stride 2 the pooled rows
+    are ``[x_0, pool(x_1, x_2), pool(x_3, x_4), ...]``; without ``separate_cls``, ``[pool(x_0, x_1), ...]``.
+    """
+
+    stride: int = 2
+    mode: str = "mean"
+    separate_cls: bool = False
+    truncate: bool = True
+
+    def source_len(self, T: int) -> int:
+        """Length of ``x'``, the sequence that is cut into windows."""
+        if not self.separate_cls or T == 0:
+            return T
+        return T if self.truncate else T + 1
+
+    def pooled_len(self, T: int) -> int:
+        return -(-self.source_len(T) // self.stride)
+
+    @property
+    def position_offset(self) -> int:
+        """Key-grid position of pooled row ``i`` is ``i * stride + position_offset`` (Funnel's rule)."""
+        return 1 - self.stride if self.separate_cls else 0
+
+    def covered_rows(self, T: int) -> int:
+        """Rows ``[0, n)`` of the unpooled queries that feed some pooled row (the rest are truncated)."""
+        if not self.separate_cls:
+            return T
+        return max(1, self.source_len(T) - 1) if T else 0
+
+
+def pool_queries(x: torch.Tensor, pool: QueryPool) -> torch.Tensor:
+    """Pool ``x (B, H, T, D)`` along T: ``(B, H, pool.pooled_len(T), D)``. Differentiable (autograd)."""
+    if pool.separate_cls and x.shape[2] > 0:
+        suffix = x[:, :, :-1] if pool.truncate else x
+        x = torch.cat([x[:, :, :1], suffix], dim=2)
+    B, H, T, D = x.shape
+    if T == 0:
+        return x
+    flat = x.reshape(B * H, 1, T, D)
+    window = (pool.stride, 1)
+    if pool.mode == "mean":
+        pooled = F.avg_pool2d(flat, window, stride=window, ceil_mode=True)
+    else:
+        pooled = F.max_pool2d(flat, window, stride=window, ceil_mode=True)
+    return pooled.reshape(B, H, -1, D)
+
+
+def pool_queries_backward(grad_pooled: torch.Tensor, x: torch.Tensor, pool: QueryPool) -> torch.Tensor:
+    """Gradient of :func:`pool_queries` w.r.t. ``x (B, H, T, D)``, given ``grad_pooled (B, H, Tp, D)``.
+
+    Mean: each window row gets ``grad / count``; max: the first arg-max row of each window and feature
+    gets ``grad`` (torch's max-pool rule). Rows that feed no window (cut by truncation) get 0.
+    """
+    B, H, T, D = x.shape
+    src_len, Tp, s = pool.source_len(T), pool.pooled_len(T), pool.stride
+    dx = torch.zeros_like(x, dtype=grad_pooled.dtype)
+    if Tp == 0:
+        return dx
+    src = torch.arange(src_len, device=x.device)
+    if pool.separate_cls:
+        src = (src - 1).clamp_min(0)
+    pad = Tp * s - src_len
+    if pool.mode == "mean":
+        count = torch.full((Tp,), float(s), dtype=grad_pooled.dtype, device=x.device)
+        count[-1] = s - pad
+        g = (grad_pooled / count[:, None]).repeat_interleave(s, dim=2)[:, :, :src_len]
+    else:
+        windows = F.pad(x[:, :, src], (0, 0, 0, pad), value=float("-inf")).unflatten(2, (Tp, s))
+        first_max = windows.argmax(dim=3, keepdim=True)  # the first maximal element of each window
+        g = torch.zeros_like(windows, dtype=grad_pooled.dtype)
+        g.scatter_(3, first_max, grad_pooled.unsqueeze(3))
+        g = g.flatten(2, 3)[:, :, :src_len]
+    return dx.index_add_(2, src, g)
+
+
+def pooled_positions(T: int, pool: QueryPool, device=None) -> torch.Tensor:
+    """Positions of the pooled queries on the unpooled (key) grid, int64 ``(pool.pooled_len(T),)``.
+
+    Funnel's rule (``stride_pool_pos``): a pooled row sits at the position of the first token of its
+    window, except the [cls] row under ``separate_cls``, which sits one stride before token 1
+    (``1 - stride``), so that the positions stay evenly spaced: ``i * stride + position_offset``.
+    For causal masking the [cls] query counts as token 0 (it sees the [cls] key).
+    """
+    return torch.arange(pool.pooled_len(T), device=device, dtype=torch.int64) * pool.stride + pool.position_offset
+
+
+def _query_positions(r0: int, r1: int, q_pos_stride: int, diag_offset: int, clamp: bool, device) -> torch.Tensor:
+    pos = torch.arange(r0, r1, device=device) * q_pos_stride + diag_offset
+    return pos.clamp_min(0) if clamp else pos
+
+
+# ----------------------------------------------------------------------------------------------
 # masks
 # ----------------------------------------------------------------------------------------------
 def _visible(rows: torch.Tensor, cols: torch.Tensor, window_left: int, window_right: int,
              diag_offset: int) -> torch.Tensor | None:
-    """``(len(rows), len(cols))`` bool visibility from the window rule, or None when unbounded."""
+    """``(len(rows), len(cols))`` bool visibility from the window rule, or None when unbounded.
+
+    ``rows`` are query positions (``diag_offset`` is added to them), ``cols`` key indices."""
     if window_left < 0 and window_right < 0:
         return None
     d = cols[None, :] - rows[:, None] - diag_offset
@@ -144,14 +259,15 @@ def _grouped(x: torch.Tensor, n_kv: int) -> torch.Tensor:
     return x.unflatten(1, (n_kv, x.shape[1] // n_kv))
 
 
-def _key_range(r0: int, r1: int, Tk: int, window_left: int, window_right: int, diag_offset: int) -> tuple[int, int]:
-    """Keys ``[c0, c1)`` that some query of ``[r0, r1)`` may see under the window rule."""
-    c0 = max(0, r0 + diag_offset - window_left) if window_left >= 0 else 0
-    c1 = min(Tk, r1 + diag_offset + window_right) if window_right >= 0 else Tk
+def _key_range(p0: int, p1: int, Tk: int, window_left: int, window_right: int) -> tuple[int, int]:
+    """Keys ``[c0, c1)`` that some query at positions ``p0 .. p1`` (inclusive) may see under the window rule."""
+    c0 = max(0, p0 - window_left) if window_left >= 0 else 0
+    c1 = min(Tk, p1 + window_right + 1) if window_right >= 0 else Tk
     return (c0, c1) if c1 > c0 else (0, 0)
 
 
-def _chunks(q, k, mask, *, scale, window_left, window_right, diag_offset, dropout_p, seed):
+def _chunks(q, k, mask, *, scale, window_left, window_right, diag_offset, dropout_p, seed, q_pos_stride=1,
+            clamp_pos=False):
     """Query chunks of at most ``CHUNK_ELEMENTS`` scores, each against the keys it may see.
 
     Yields ``(rows, cols, q_c, s, keep)``: the query and key slices, the chunk's queries
@@ -168,7 +284,8 @@ def _chunks(q, k, mask, *, scale, window_left, window_right, diag_offset, dropou
     step = max(1, min(Tq, budget // max(1, B * Hq * Tk)))
     for r0 in range(0, Tq, step):
         r1 = min(Tq, r0 + step)
-        c0, c1 = _key_range(r0, r1, Tk, window_left, window_right, diag_offset)
+        pos = _query_positions(r0, r1, q_pos_stride, diag_offset, clamp_pos, q.device)
+        c0, c1 = _key_range(int(pos[0]), int(pos[-1]), Tk, window_left, window_right)
         rows, cols = slice(r0, r1), slice(c0, c1)
         q_c = _grouped(q[:, :, rows].to(cdt), n_kv)
         s = torch.matmul(q_c, kc[:, :, :, cols].transpose(-1, -2)) * scale
@@ -177,7 +294,7 @@ def _chunks(q, k, mask, *, scale, window_left, window_right, diag_offset, dropou
             s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(cdt)
         row_idx = torch.arange(r0, r1, device=q.device)
         col_idx = torch.arange(c0, c1, device=q.device)
-        vis = _visible(row_idx, col_idx, window_left, window_right, diag_offset)
+        vis = _visible(pos, col_idx, window_left, window_right, 0)
         if vis is not None:
             s = s.masked_fill(~vis, float("-inf"))
         keep = None
@@ -192,31 +309,42 @@ def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
 
 
+def _pool_kwargs(pool: QueryPool | None) -> dict:
+    if pool is None:
+        return {}
+    return dict(q_pos_stride=pool.stride, clamp_pos=pool.separate_cls)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
                       scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
-                      dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      dropout_p: float = 0.0, seed: int = 0,
+                      pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked attention forward.
 
     Args:
         q: ``(B, Hq, Tq, Dqk)``; k: ``(B, Hkv, Tk, Dqk)``; v: ``(B, Hkv, Tk, Dv)``.
-        mask: None, or bool/float broadcastable to ``(B, Hq, Tq, Tk)``.
+        mask: None, or bool/float broadcastable to ``(B, Hq, Tq', Tk)`` (``Tq'`` = pooled length).
+        pool: pool the queries first (:class:`QueryPool`); rows are then the pooled queries.
     Returns:
-        ``out (B, Hq, Tq, Dv)`` in q's dtype, ``lse (B, Hq, Tq)`` float32 (float64 for float64 inputs).
+        ``out (B, Hq, Tq', Dv)`` in q's dtype, ``lse (B, Hq, Tq')`` float32 (float64 for float64 inputs).
     """
-    B, Hq, Tq, _ = q.shape
+    out_dtype = q.dtype
     cdt = compute_dtype(q.dtype)
+    if pool is not None:
+        q = pool_queries(q.to(cdt), pool)
+    B, Hq, Tq, _ = q.shape
     vc = v.to(cdt)[:, :, None]
-    out = _alloc(B, Hq, Tq, v.shape[3], dtype=q.dtype, device=q.device)
+    out = _alloc(B, Hq, Tq, v.shape[3], dtype=out_dtype, device=q.device)
     lse = _alloc(B, Hq, Tq, dtype=cdt, device=q.device)
     drop_scale = dropout_scale(dropout_p)
     for rows, cols, _, s, keep in _chunks(q, k, mask, scale=scale, window_left=window_left,
                                           window_right=window_right, diag_offset=diag_offset,
-                                          dropout_p=dropout_p, seed=seed):
+                                          dropout_p=dropout_p, seed=seed, **_pool_kwargs(pool)):
         lse_c = torch.logsumexp(s, dim=-1)  # -inf for a row with no visible key
         p = _probs(s, lse_c)
         if keep is not None:
             p = p * keep * drop_scale
-        out[:, :, rows] = torch.matmul(p, vc[:, :, :, cols]).flatten(1, 2).to(q.dtype)
+        out[:, :, rows] = torch.matmul(p, vc[:, :, :, cols]).flatten(1, 2).to(out_dtype)
         lse[:, :, rows] = lse_c.flatten(1, 2)
     return out, lse
 
@@ -224,14 +352,29 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, mask: torch.Tensor | None = None, dlse: torch.Tensor | None = None, *,
                        scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
-                       dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       dropout_p: float = 0.0, seed: int = 0,
+                       pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked attention backward: gradients of ``out`` (and optionally ``lse``) w.r.t. q, k, v.
 
     Recomputes the probabilities from ``lse``: ``P = exp(S - lse)``;
     ``dV = (P∘Z)^T dO``, ``dP = (dO V^T)∘Z``, ``dS = P∘(dP - delta)`` with
     ``delta = rowsum(dO∘O) - dlse`` and ``Z`` the scaled dropout keep mask;
-    ``dQ = scale·dS K``, ``dK = scale·dS^T Q``.
+    ``dQ = scale·dS K``, ``dK = scale·dS^T Q``. With ``pool``, dQ of the pooled queries is carried
+    back through the pooling to the unpooled ``q`` (mean: spread evenly; max: to the arg-max).
     """
+    if pool is not None:
+        q_src = q.to(compute_dtype(q.dtype))
+        dq_pooled, dk, dv = _attention_backward(dout, pool_queries(q_src, pool), k, v, out, lse, mask, dlse,
+                                                scale=scale, window_left=window_left, window_right=window_right,
+                                                diag_offset=diag_offset, dropout_p=dropout_p, seed=seed,
+                                                _pos=_pool_kwargs(pool))
+        return pool_queries_backward(dq_pooled, q_src, pool).to(q.dtype), dk, dv
+    return _attention_backward(dout, q, k, v, out, lse, mask, dlse, scale=scale, window_left=window_left,
+                               window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p, seed=seed)
+
+
+def _attention_backward(dout, q, k, v, out, lse, mask, dlse, *, scale, window_left, window_right, diag_offset,
+                        dropout_p, seed, _pos=None):
     n_kv = k.shape[1]
     cdt = compute_dtype(q.dtype)
     kc = k.to(cdt)[:, :, None]
@@ -245,7 +388,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     drop_scale = dropout_scale(dropout_p)
     for rows, cols, q_c, s, keep in _chunks(q, k, mask, scale=scale, window_left=window_left,
                                             window_right=window_right, diag_offset=diag_offset,
-                                            dropout_p=dropout_p, seed=seed):
+                                            dropout_p=dropout_p, seed=seed, **(_pos or {})):
         do_c = _grouped(dout[:, :, rows].to(cdt), n_kv)
         p = _probs(s, _grouped(lse[:, :, rows].to(cdt), n_kv))
         dp = torch.matmul(do_c, vc[:, :, :, cols].transpose(-1, -2))

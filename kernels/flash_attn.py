@@ -18,6 +18,12 @@ Masking, as in :mod:`effattn.reference`: key ``j`` is visible to query ``i`` iff
 bool/float ``mask`` broadcast to ``(B, Hq, Tq, Tk)`` read tile by tile. Blocks outside the window are
 never visited; blocks entirely inside it skip the elementwise window and bounds checks.
 
+Query pooling (Funnel-Transformer, ``effattn.pooled_attention``): with ``POOL > 1`` the kernels read
+unpooled queries and pool them as they load them (mean or max over windows of ``POOL`` rows, with
+Funnel's [cls] handling), so no pooled copy of Q is written. Pooled row ``i`` sits at key-grid
+position ``i * POOL + diag_offset`` for the window rule. The dQ kernel carries dQ of the pooled rows
+back to the unpooled rows it read (mean: spread evenly; max: to the arg-max element).
+
 Layout: one file, three layers as in the rest of effattn: ``@triton.jit`` kernels, then the launchers
 ``flash_attn_forward`` / ``flash_attn_backward`` that take and return tensors. The autograd glue lives
 in ``effattn.flash``.
@@ -34,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from effattn.reference import dropout_scale, dropout_threshold
+from effattn.reference import QueryPool, dropout_scale, dropout_threshold
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # EFFATTN_AUTOTUNE=0: take the first config of each head-dim class instead of benchmarking them
@@ -42,7 +48,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("EFFATTN_AUTOTUNE", "1") != "0"
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256  # of V; Q/K go up to MAX_HEAD_DIM_QK (extra features, e.g. Funnel's relative terms)
+MAX_HEAD_DIM_QK = 1024
 MIN_BLOCK_D = 16  # tl.dot needs K >= 16
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -56,23 +63,30 @@ _alloc = torch.empty
 # autotuning: configs per head dim on the GPU, one small fixed config under the interpreter
 # ----------------------------------------------------------------------------------------------
 # Per head-dim class (the largest padded head dim it serves): (BLOCK_M, BLOCK_N, num_warps, num_stages).
-HEAD_DIM_CLASSES = (64, 128, 256)
+HEAD_DIM_CLASSES = (64, 128, 256, 512, 1024)
 # Within a class, configs are ordered by the register spills that Triton 3.9's sm_90 compile shows for
 # fp16 (tests/aot_sm90.py; least first): without autotuning (EFFATTN_AUTOTUNE=0) the first that fits runs.
 FWD_CONFIGS = {
     64: [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3)],
     128: [(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
     256: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+    # QK head dims above 256 (V at most 256): small tiles, one stage; not yet tuned on a GPU
+    512: [(64, 32, 8, 1), (32, 32, 4, 1)],
+    1024: [(32, 32, 8, 1), (16, 32, 4, 1)],
 }
 BWD_KV_CONFIGS = {  # BLOCK_M = query rows streamed, BLOCK_N = keys owned
     64: [(32, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2), (32, 128, 4, 3)],
     128: [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
     256: [(64, 64, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2)],
+    512: [(32, 32, 8, 1), (16, 32, 4, 1)],
+    1024: [(16, 32, 8, 1), (16, 16, 4, 1)],
 }
 BWD_Q_CONFIGS = {  # BLOCK_M = queries owned, BLOCK_N = keys streamed
     64: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)],
     128: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
     256: [(64, 32, 8, 1), (64, 32, 8, 2), (64, 16, 4, 1)],
+    512: [(32, 32, 8, 1), (16, 32, 4, 1)],
+    1024: [(16, 32, 8, 1), (16, 16, 4, 1)],
 }
 # Under the interpreter: one small, non-square config each, so that tests cover several blocks,
 # ragged edges and all three loop segments at small sizes.
@@ -144,7 +158,8 @@ def _prune_for(table):
 
 
 _AUTOTUNE_KEY = ["BLOCK_DQK", "BLOCK_DV", "Q_BUCKET", "K_BUCKET", "MASK_KIND", "HAS_DROPOUT",
-                 "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT"]
+                 "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "POOL", "POOL_MAX"]
+MAX_POOL_STRIDE = 16  # the pooling loop is unrolled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +187,62 @@ def _tile_ptrs(base, start, stride_t, stride_d, BLOCK_T: tl.constexpr, BLOCK_D: 
         return base + t[None, :] * stride_t + d[:, None] * stride_d
     else:
         return base + t[:, None] * stride_t + d[None, :] * stride_d
+
+
+@triton.jit
+def _q_pos(rows, diag_offset, POOL: tl.constexpr, POOL_CLS: tl.constexpr):
+    """Key-grid position of query rows: ``rows * POOL + diag_offset`` (the pooled [cls] row counts as 0)."""
+    pos = rows * POOL + diag_offset
+    if POOL_CLS:
+        pos = tl.maximum(pos, 0)
+    return pos
+
+
+@triton.jit
+def _pool_source(rows, j, Tq, T_src, POOL: tl.constexpr, POOL_CLS: tl.constexpr):
+    """Element ``j`` of the pooling window of each pooled row: (unpooled row index, in range?).
+
+    Window of row ``i``: rows ``[i*POOL, i*POOL + POOL)`` of ``x'``, which is ``x`` itself, or with
+    ``POOL_CLS`` ``[x_0] + x`` (row ``m`` of ``x'`` is row ``max(m - 1, 0)`` of ``x``); ``T_src = len(x')``.
+    """
+    m = rows * POOL + j
+    ok = (rows < Tq) & (m < T_src)
+    if POOL_CLS:
+        m = tl.maximum(m - 1, 0)
+    return m, ok
+
+
+@triton.jit
+def _load_q(q_base, m0, stride_qt, stride_qd, Tq, T_src,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+            POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr):
+    """Query tile of rows ``[m0, m0 + BLOCK_M)``, pooled on load when ``POOL > 1`` (zeros past Tq)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if POOL == 1:
+        return tl.load(_tile_ptrs(q_base, m0, stride_qt, stride_qd, BLOCK_M, BLOCK_D, False),
+                       mask=(offs_m < Tq)[:, None] & d_ok, other=0.0)
+    else:
+        if POOL_MAX:
+            acc = tl.full([BLOCK_M, BLOCK_D], float("-inf"), dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        count = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for j in tl.static_range(POOL):
+            src, ok = _pool_source(offs_m, j, Tq, T_src, POOL, POOL_CLS)
+            x = tl.load(q_base + src.to(tl.int64)[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                        mask=ok[:, None] & d_ok, other=0.0).to(tl.float32)
+            if POOL_MAX:
+                acc = tl.where(ok[:, None], tl.maximum(acc, x), acc)
+            else:
+                acc += x
+                count += ok.to(tl.float32)
+        if POOL_MAX:
+            acc = tl.where((offs_m < Tq)[:, None], acc, 0.0)
+        else:
+            acc = acc / tl.maximum(count, 1.0)[:, None]
+        return acc.to(q_base.dtype.element_ty)
 
 
 @triton.jit
@@ -207,47 +278,67 @@ def _segment(seg: tl.constexpr, lo, mid_lo, mid_hi, hi):
 @triton.jit
 def _kv_range(m0, Tq, Tk, window_left, window_right, diag_offset,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr):
+              HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+              POOL: tl.constexpr, POOL_CLS: tl.constexpr):
     """Key blocks for the query rows ``[m0, m0 + BLOCK_M)``: (lo, mid_lo, mid_hi, hi)."""
-    m_last = tl.minimum(m0 + BLOCK_M, Tq) - 1
+    pos_first = _q_pos(m0, diag_offset, POOL, POOL_CLS)
+    pos_last = _q_pos(tl.minimum(m0 + BLOCK_M, Tq) - 1, diag_offset, POOL, POOL_CLS)
     lo = 0
     hi = Tk
     full_lo = 0
     full_hi = Tk
     if HAS_WINDOW_LEFT:
-        lo = m0 + diag_offset - window_left
-        full_lo = m_last + diag_offset - window_left
+        lo = pos_first - window_left
+        full_lo = pos_last - window_left
     if HAS_WINDOW_RIGHT:
-        hi = m_last + diag_offset + window_right + 1
-        full_hi = m0 + diag_offset + window_right + 1
+        hi = pos_last + window_right + 1
+        full_hi = pos_first + window_right + 1
     return _block_ranges(lo, hi, full_lo, full_hi, Tk, BLOCK_N)
 
 
 @triton.jit
 def _q_range(n0, Tq, Tk, window_left, window_right, diag_offset,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr):
-    """Query blocks that see some key of ``[n0, n0 + BLOCK_N)``: (lo, mid_lo, mid_hi, hi)."""
+             HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+             POOL: tl.constexpr, POOL_CLS: tl.constexpr):
+    """Query blocks that see some key of ``[n0, n0 + BLOCK_N)``: (lo, mid_lo, mid_hi, hi).
+
+    With pooled queries (``POOL > 1``) and a window, every visited block is masked elementwise."""
     n_last = tl.minimum(n0 + BLOCK_N, Tk) - 1
     lo = 0
     hi = Tq
     full_lo = 0
     full_hi = Tq
-    if HAS_WINDOW_RIGHT:
-        lo = n0 - diag_offset - window_right
-        full_lo = n_last - diag_offset - window_right
-    if HAS_WINDOW_LEFT:
-        hi = n_last - diag_offset + window_left + 1
-        full_hi = n0 - diag_offset + window_left + 1
+    if POOL == 1:
+        if HAS_WINDOW_RIGHT:
+            lo = n0 - diag_offset - window_right
+            full_lo = n_last - diag_offset - window_right
+        if HAS_WINDOW_LEFT:
+            hi = n_last - diag_offset + window_left + 1
+            full_hi = n0 - diag_offset + window_left + 1
+    else:
+        # rows i with n0 - right <= i*POOL + diag_offset <= n_last + left (row 0 at 0 under POOL_CLS)
+        if HAS_WINDOW_RIGHT:
+            lo = tl.cdiv(tl.maximum(n0 - window_right - diag_offset, 0), POOL)
+            if POOL_CLS:
+                lo = tl.where(n0 - window_right <= 0, 0, lo)
+            full_lo = Tq
+        if HAS_WINDOW_LEFT:
+            x = n_last + window_left - diag_offset
+            hi = tl.where(x >= 0, x // POOL + 1, 0)
+            if POOL_CLS:
+                hi = tl.maximum(hi, 1)
+            full_hi = 0
     return _block_ranges(lo, hi, full_lo, full_hi, Tq, BLOCK_M)
 
 
 @triton.jit
 def _window_visible(rows, cols, window_left, window_right, diag_offset, Tq, Tk,
-                    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr):
+                    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+                    POOL: tl.constexpr, POOL_CLS: tl.constexpr):
     """Elementwise visibility of a tile (``rows`` and ``cols`` broadcast to the tile's shape)."""
     visible = (rows < Tq) & (cols < Tk)
-    d = cols - rows - diag_offset
+    d = cols - _q_pos(rows, diag_offset, POOL, POOL_CLS)
     if HAS_WINDOW_LEFT:
         visible = visible & (d >= -window_left)
     if HAS_WINDOW_RIGHT:
@@ -295,7 +386,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                APPLY_WINDOW: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
                MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               POOL: tl.constexpr, POOL_CLS: tl.constexpr):
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
@@ -312,7 +404,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
                            MASK_KIND, MASK_ROW_BCAST)
         if APPLY_WINDOW:
             visible = _window_visible(offs_m[:, None], offs_n[None, :], window_left, window_right, diag_offset,
-                                      Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+                                      Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, POOL, POOL_CLS)
             s = tl.where(visible, s, float("-inf"))
         # -- online softmax update; a row with no visible key so far keeps m = -inf --
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -340,12 +432,13 @@ def _flash_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_mb, stride_mh, stride_mi, stride_mj,
-    Hq, GROUP, Tq, Tk, qk_scale, window_left, window_right, diag_offset,
+    Hq, GROUP, Tq, Tk, T_src, qk_scale, window_left, window_right, diag_offset,
     seed, drop_threshold, drop_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, query head) against all the keys they may see.
@@ -360,7 +453,6 @@ def _flash_fwd_kernel(
     off_kvh = off_h // GROUP
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
 
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
@@ -368,10 +460,10 @@ def _flash_fwd_kernel(
     v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
     mask_base = MASK + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
 
-    # -- load the query tile once --
+    # -- load the query tile once (pooled on load) --
     m_ok = offs_m < Tq
-    q = tl.load(_tile_ptrs(q_base, m0, stride_qt, stride_qd, BLOCK_M, BLOCK_DQK, False),
-                mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
+    q = _load_q(q_base, m0, stride_qt, stride_qd, Tq, T_src, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK,
+                POOL, POOL_MAX, POOL_CLS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -379,7 +471,7 @@ def _flash_fwd_kernel(
 
     # -- stream key blocks: window edges masked, interior blocks unmasked --
     lo, mid_lo, mid_hi, hi = _kv_range(m0, Tq, Tk, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N,
-                                       HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+                                       HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, POOL, POOL_CLS)
     for seg in tl.static_range(3):
         seg_lo, seg_hi = _segment(seg, lo, mid_lo, mid_hi, hi)
         acc, l_i, m_i = _fwd_inner(
@@ -388,7 +480,7 @@ def _flash_fwd_kernel(
             Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold,
             HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
             seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-            UPCAST_DOT, DOT_PRECISION)
+            UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS)
 
     # -- epilogue: normalise; an empty row gives O = 0 and lse = -inf --
     empty = l_i == 0.0
@@ -446,14 +538,14 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base
                   BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                   APPLY_WINDOW: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
                   MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_dqk = tl.arange(0, BLOCK_DQK)
+                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  T_src, POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Tq
-        q = tl.load(_tile_ptrs(q_base, start_m, stride_qt, stride_qd, BLOCK_M, BLOCK_DQK, False),
-                    mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
+        q = _load_q(q_base, start_m, stride_qt, stride_qd, Tq, T_src, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK,
+                    POOL, POOL_MAX, POOL_CLS)
         do = tl.load(_tile_ptrs(do_base, start_m, stride_dot, stride_dod, BLOCK_M, BLOCK_DV, False),
                      mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         lse2 = _load_lse2(LSE, row_base, offs_m, Tq)
@@ -465,7 +557,7 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base
                             MASK_KIND, MASK_ROW_BCAST)
         if APPLY_WINDOW:
             visible = _window_visible(offs_m[None, :], offs_n[:, None], window_left, window_right, diag_offset,
-                                      Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+                                      Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, POOL, POOL_CLS)
             sT = tl.where(visible, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])
         # -- dV += (P∘Z)^T dO ; dP^T = V dO^T (∘Z) --
@@ -495,12 +587,13 @@ def _flash_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     stride_mb, stride_mh, stride_mi, stride_mj,
-    Hq, Hkv, GROUP, Tq, Tk, sm_scale, qk_scale, window_left, window_right, diag_offset,
+    Hq, Hkv, GROUP, Tq, Tk, T_src, sm_scale, qk_scale, window_left, window_right, diag_offset,
     seed, drop_threshold, drop_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: dK, dV of BLOCK_N keys of one (batch, KV head), summed over its GQA query heads."""
@@ -523,7 +616,7 @@ def _flash_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     lo, mid_lo, mid_hi, hi = _q_range(n0, Tq, Tk, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N,
-                                      HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+                                      HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, POOL, POOL_CLS)
     for g in range(0, GROUP):
         off_h = off_kvh * GROUP + g
         bh = off_b * Hq + off_h
@@ -539,7 +632,7 @@ def _flash_bwd_dkdv_kernel(
                 Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
                 HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_M,
                 seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-                UPCAST_DOT, DOT_PRECISION)
+                UPCAST_DOT, DOT_PRECISION, T_src, POOL, POOL_MAX, POOL_CLS)
 
     dk = dk * sm_scale
     tl.store(_tile_ptrs(DK + off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh, n0,
@@ -558,7 +651,8 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, 
                  BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                  APPLY_WINDOW: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
                  MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 POOL: tl.constexpr, POOL_CLS: tl.constexpr):
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
@@ -575,7 +669,7 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, 
                            MASK_KIND, MASK_ROW_BCAST)
         if APPLY_WINDOW:
             visible = _window_visible(offs_m[:, None], offs_n[None, :], window_left, window_right, diag_offset,
-                                      Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+                                      Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, POOL, POOL_CLS)
             s = tl.where(visible, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         # -- dP = dO V^T (∘Z); dS = P ∘ (dP - delta); dQ += dS K --
@@ -586,6 +680,48 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, 
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, UPCAST_DOT, DOT_PRECISION)
     return dq
+
+
+@triton.jit
+def _store_dq_unpooled(dq, q_base, dq_base, offs_m, stride_qt, stride_qd, stride_dqt, stride_dqd, Tq, T_src,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr):
+    """Carry dQ of pooled rows back to the unpooled rows of their windows and store it.
+
+    Mean: each window row gets ``dq / count``; max: the first arg-max element of each column gets
+    ``dq``, the others 0. Under ``POOL_CLS`` rows 0 and 1 of window 0 are both ``x_0``: its whole share
+    is written once (by j = 0). Windows are disjoint, so every unpooled row is written by one program.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    count = tl.minimum(T_src - offs_m * POOL, POOL).to(tl.float32)
+    if POOL_MAX:
+        best = tl.full([BLOCK_M, BLOCK_D], float("-inf"), dtype=tl.float32)
+        for j in tl.static_range(POOL):
+            src, ok = _pool_source(offs_m, j, Tq, T_src, POOL, POOL_CLS)
+            x = tl.load(q_base + src.to(tl.int64)[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                        mask=ok[:, None] & d_ok, other=0.0).to(tl.float32)
+            best = tl.where(ok[:, None], tl.maximum(best, x), best)
+        taken = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    for j in tl.static_range(POOL):
+        src, ok = _pool_source(offs_m, j, Tq, T_src, POOL, POOL_CLS)
+        if POOL_MAX:
+            x = tl.load(q_base + src.to(tl.int64)[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                        mask=ok[:, None] & d_ok, other=0.0).to(tl.float32)
+            arg = ok[:, None] & (x == best) & (taken == 0)
+            taken = tl.where(arg, 1, taken)
+            g = tl.where(arg, dq, 0.0)
+        else:
+            share = 1.0 / tl.maximum(count, 1.0)
+            if POOL_CLS:
+                if j == 0:  # x_0 fills rows 0 and 1 of window 0 (one row if T_src == 1)
+                    share = tl.where(offs_m == 0, tl.minimum(T_src, 2).to(tl.float32) * share, share)
+            g = dq * share[:, None]
+        if POOL_CLS:
+            if j == 1:
+                ok = ok & (offs_m != 0)
+        tl.store(dq_base + src.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+                 g.to(dq_base.dtype.element_ty), mask=ok[:, None] & d_ok)
 
 
 @triton.autotune(configs=_autotune_configs(BWD_Q_CONFIGS, INTERPRET_BWD_Q), key=_AUTOTUNE_KEY,
@@ -599,12 +735,13 @@ def _flash_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     stride_mb, stride_mh, stride_mi, stride_mj,
-    Hq, GROUP, Tq, Tk, sm_scale, qk_scale, window_left, window_right, diag_offset,
+    Hq, GROUP, Tq, Tk, T_src, sm_scale, qk_scale, window_left, window_right, diag_offset,
     seed, drop_threshold, drop_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: dQ of BLOCK_M queries of one (batch, query head), streaming the keys they see."""
@@ -620,9 +757,9 @@ def _flash_bwd_dq_kernel(
     m_ok = offs_m < Tq
     row_base = bh.to(tl.int64) * Tq
 
-    q = tl.load(_tile_ptrs(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh, m0,
-                           stride_qt, stride_qd, BLOCK_M, BLOCK_DQK, False),
-                mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    q = _load_q(q_base, m0, stride_qt, stride_qd, Tq, T_src, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK,
+                POOL, POOL_MAX, POOL_CLS)
     do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh, m0,
                             stride_dot, stride_dod, BLOCK_M, BLOCK_DV, False),
                  mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
@@ -634,7 +771,7 @@ def _flash_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
 
     lo, mid_lo, mid_hi, hi = _kv_range(m0, Tq, Tk, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N,
-                                       HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+                                       HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, POOL, POOL_CLS)
     for seg in tl.static_range(3):
         seg_lo, seg_hi = _segment(seg, lo, mid_lo, mid_hi, hi)
         dq = _bwd_q_inner(
@@ -643,12 +780,16 @@ def _flash_bwd_dq_kernel(
             Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
             HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
             seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-            UPCAST_DOT, DOT_PRECISION)
+            UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS)
 
     dq = dq * sm_scale
-    tl.store(_tile_ptrs(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh, m0,
-                        stride_dqt, stride_dqd, BLOCK_M, BLOCK_DQK, False), dq.to(DQ.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK))
+    dq_base = DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
+    if POOL == 1:
+        tl.store(_tile_ptrs(dq_base, m0, stride_dqt, stride_dqd, BLOCK_M, BLOCK_DQK, False),
+                 dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK))
+    else:
+        _store_dq_unpooled(dq, q_base, dq_base, offs_m, stride_qt, stride_qd, stride_dqt, stride_dqd, Tq, T_src,
+                           HEAD_DIM_QK, BLOCK_M, BLOCK_DQK, POOL, POOL_MAX, POOL_CLS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,8 +823,11 @@ def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], dumm
     return m, strides, kind, strides[2] == 0
 
 
-def _common_constexprs(q, k, v, window_left, window_right, mask_kind, mask_row_bcast, dropout_p):
+def _common_constexprs(q, k, v, window_left, window_right, mask_kind, mask_row_bcast, dropout_p,
+                       pool: QueryPool | None):
     return dict(
+        POOL=pool.stride if pool else 1, POOL_MAX=bool(pool and pool.mode == "max"),
+        POOL_CLS=bool(pool and pool.separate_cls),
         HEAD_DIM_QK=q.shape[-1], HEAD_DIM_V=v.shape[-1],
         BLOCK_DQK=_block_d(q.shape[-1]), BLOCK_DV=_block_d(v.shape[-1]),
         HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0,
@@ -709,14 +853,17 @@ def _on_tensor_device(launcher):
 @_on_tensor_device
 def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
                        scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
-                       dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       dropout_p: float = 0.0, seed: int = 0,
+                       pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs are validated by the caller.
 
-    q ``(B, Hq, Tq, Dqk)``, k ``(B, Hkv, Tk, Dqk)``, v ``(B, Hkv, Tk, Dv)``, any strides;
-    mask None or bool/float broadcastable to ``(B, Hq, Tq, Tk)``.
+    q ``(B, Hq, T, Dqk)``, k ``(B, Hkv, Tk, Dqk)``, v ``(B, Hkv, Tk, Dv)``, any strides;
+    mask None or bool/float broadcastable to ``(B, Hq, Tq, Tk)``. With ``pool`` the queries are
+    pooled on load and ``Tq = pool.pooled_len(T)``, else ``Tq = T``.
     Returns ``out (B, Hq, Tq, Dv)`` (q's dtype, contiguous) and ``lse (B, Hq, Tq)`` float32.
     """
-    B, Hq, Tq, _ = q.shape
+    B, Hq, T, _ = q.shape
+    Tq, T_src = (pool.pooled_len(T), pool.source_len(T)) if pool else (T, T)
     Hkv, Tk = k.shape[1], k.shape[2]
     out = _alloc(B, Hq, Tq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = _alloc(B, Hq, Tq, dtype=torch.float32, device=q.device)
@@ -726,10 +873,10 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), Hq, B)  # noqa: E731
     args = (q, k, v, out, lse, m,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
-            Hq, Hq // Hkv, Tq, Tk, scale * LOG2E, window_left, window_right, diag_offset,
+            Hq, Hq // Hkv, Tq, Tk, T_src, scale * LOG2E, window_left, window_right, diag_offset,
             seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), _bucket(Tq), _bucket(Tk))
     _launch(_flash_fwd_kernel, "fwd", FWD_CONFIGS, grid, args,
-            _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p))
+            _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p, pool))
     return out, lse
 
 
@@ -737,17 +884,22 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, mask: torch.Tensor | None, dlse: torch.Tensor | None = None, *,
                         scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
-                        dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        dropout_p: float = 0.0, seed: int = 0,
+                        pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels (preprocess, dK/dV, dQ). Same arguments as the forward, plus
     ``dout (B, Hq, Tq, Dv)``, the forward's ``out`` and ``lse``, and optionally ``dlse (B, Hq, Tq)``.
-    Returns ``dq, dk, dv`` shaped and typed like q, k, v (contiguous)."""
-    B, Hq, Tq, _ = q.shape
+    Returns ``dq, dk, dv`` shaped and typed like q, k, v (contiguous); with ``pool``, ``dq`` is the
+    gradient of the unpooled q (rows that feed no pooled row, cut by truncation, get 0)."""
+    B, Hq, T, _ = q.shape
+    Tq, T_src = (pool.pooled_len(T), pool.source_len(T)) if pool else (T, T)
     Hkv, Tk = k.shape[1], k.shape[2]
     dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
     dk = _alloc(k.shape, dtype=k.dtype, device=k.device)
     dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
     if Tq == 0 or Tk == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    if pool is not None:
+        dq[:, :, pool.covered_rows(T):].zero_()
     lse = lse.contiguous()
     delta = _alloc(B, Hq, Tq, dtype=torch.float32, device=q.device)
     preprocess_block = PREPROCESS_BLOCK_M if v.shape[-1] <= 128 else PREPROCESS_BLOCK_M // 4
@@ -758,17 +910,17 @@ def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         HEAD_DIM_V=v.shape[-1], BLOCK_DV=block_dv, HAS_DLSE=dlse is not None, BLOCK_M=preprocess_block,
     )
     m, m_strides, mask_kind, row_bcast = _mask_args(mask, (B, Hq, Tq, Tk), q)
-    constexprs = _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p)
+    constexprs = _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p, pool)
     runtime = (scale, scale * LOG2E, window_left, window_right, diag_offset,
                seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), _bucket(Tq), _bucket(Tk))
     grid_kv = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
     _launch(_flash_bwd_dkdv_kernel, "bwd_kv", BWD_KV_CONFIGS, grid_kv,
             (q, k, v, dout, lse, delta, dk, dv, m,
              *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *m_strides,
-             Hq, Hkv, Hq // Hkv, Tq, Tk, *runtime), constexprs)
+             Hq, Hkv, Hq // Hkv, Tq, Tk, T_src, *runtime), constexprs)
     grid_q = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), Hq, B)  # noqa: E731
     _launch(_flash_bwd_dq_kernel, "bwd_q", BWD_Q_CONFIGS, grid_q,
             (q, k, v, dout, lse, delta, dq, m,
              *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *m_strides,
-             Hq, Hq // Hkv, Tq, Tk, *runtime), constexprs)
+             Hq, Hq // Hkv, Tq, Tk, T_src, *runtime), constexprs)
     return dq, dk, dv

@@ -43,6 +43,21 @@ VARIANTS = [
      dict(HAS_WINDOW_LEFT=True, HAS_WINDOW_RIGHT=True, HAS_DROPOUT=True)),
     ("dkdv bf16 D256 causal", "bwd_kv", "bf16", 256, fa.BWD_KV_CONFIGS[256][0], None, dict(HAS_WINDOW_RIGHT=True)),
     ("dq fp16 D80 bool-mask", "bwd_q", "fp16", 80, fa.BWD_Q_CONFIGS[128][0], "u8", dict(MASK_KIND=fa.MASK_BOOL)),
+    ("fwd bf16 D64 pool-mean cls causal", "fwd", "bf16", 64, fa.FWD_CONFIGS[64][0], None,
+     dict(POOL=2, POOL_CLS=True, HAS_WINDOW_RIGHT=True)),
+    ("dkdv fp16 D128 pool-max causal", "bwd_kv", "fp16", 128, fa.BWD_KV_CONFIGS[128][0], None,
+     dict(POOL=2, POOL_MAX=True, HAS_WINDOW_RIGHT=True)),
+    ("dq fp16 D64 pool-max cls", "bwd_q", "fp16", 64, fa.BWD_Q_CONFIGS[64][0], None,
+     dict(POOL=2, POOL_MAX=True, POOL_CLS=True)),
+    ("dq bf16 D128 pool-mean cls", "bwd_q", "bf16", 128, fa.BWD_Q_CONFIGS[128][0], None,
+     dict(POOL=2, POOL_CLS=True)),
+    # Funnel-base's fused relative attention: QK 64 + 768 + 5 features, V 64
+    ("fwd fp16 Dqk837 Dv64 kpm", "fwd", "fp16", 64, fa.FWD_CONFIGS[1024][0], "u8",
+     dict(HEAD_DIM_QK=837, BLOCK_DQK=1024, MASK_KIND=fa.MASK_BOOL, MASK_ROW_BCAST=True)),
+    ("dkdv fp16 Dqk837 Dv64", "bwd_kv", "fp16", 64, fa.BWD_KV_CONFIGS[1024][0], None,
+     dict(HEAD_DIM_QK=837, BLOCK_DQK=1024)),
+    ("dq fp16 Dqk837 Dv64", "bwd_q", "fp16", 64, fa.BWD_Q_CONFIGS[1024][0], None,
+     dict(HEAD_DIM_QK=837, BLOCK_DQK=1024)),
 ]
 KERNELS = {"fwd": fa._flash_fwd_kernel, "bwd_kv": fa._flash_bwd_dkdv_kernel, "bwd_q": fa._flash_bwd_dq_kernel}
 
@@ -85,7 +100,7 @@ def compile_variant(variant) -> dict:
     constexprs = dict(HEAD_DIM_QK=head_dim, HEAD_DIM_V=head_dim, BLOCK_DQK=fa._block_d(head_dim),
                       BLOCK_DV=fa._block_d(head_dim), HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=False,
                       MASK_KIND=fa.MASK_NONE, MASK_ROW_BCAST=False, HAS_DROPOUT=False, UPCAST_DOT=False,
-                      DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn)
+                      DOT_PRECISION="tf32", POOL=1, POOL_MAX=False, POOL_CLS=False, BLOCK_M=bm, BLOCK_N=bn)
     constexprs.update(extra)
     try:
         src = ASTSource(jit, _signature(jit, dtype, mask_dtype, constexprs), constexprs=constexprs)

@@ -33,21 +33,23 @@ def _as_ref(x):
     return None if x is None else x.detach().to("cpu", torch.float64 if x.is_floating_point() else x.dtype)
 
 
-def compare_with_reference(q, k, v, *, backend="triton", grad=True, lse_grad=False, **kwargs):
-    """Run ``effattn.flash_attention`` on ``backend`` and on the float64 reference; compare out, lse, grads.
-
-    Returns ``(out, lse)`` of the backend for further checks.
-    """
+def compare_with_reference(q, k, v, *, backend="triton", grad=True, lse_grad=False, op=None, lse_kind="lse",
+                           **kwargs):
+    """Run ``op`` (default ``effattn.flash_attention``) on ``backend`` and on the float64 reference;
+    compare out, lse, grads (``lse_kind``: the tolerance row for lse). Returns the backend's ``(out, lse)``."""
+    op = op or effattn.flash_attention
     dtype = q.dtype
-    out, lse = effattn.flash_attention(q, k, v, return_lse=True, backend=backend, **kwargs)
-    assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[-1])
+    out, lse = op(q, k, v, return_lse=True, backend=backend, **kwargs)
+    assert out.dtype == dtype and out.shape[-1] == v.shape[-1]
+    if op is effattn.flash_attention:
+        assert out.shape == (*q.shape[:3], v.shape[-1])
     ref_kwargs = {n: (_as_ref(a) if isinstance(a, torch.Tensor) else a) for n, a in kwargs.items()}
     qr, kr, vr = (_as_ref(x).requires_grad_(grad) for x in (q, k, v))
-    ref_out, ref_lse = effattn.flash_attention(qr, kr, vr, return_lse=True, backend="reference", **ref_kwargs)
+    ref_out, ref_lse = op(qr, kr, vr, return_lse=True, backend="reference", **ref_kwargs)
     assert_close(out.cpu(), ref_out, dtype, "fwd", "out")
     assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(ref_lse)), "lse: rows with no visible key differ"
     finite = torch.isfinite(ref_lse)
-    assert_close(lse.cpu()[finite], ref_lse[finite], dtype, "lse", "lse")
+    assert_close(lse.cpu()[finite], ref_lse[finite], dtype, lse_kind, "lse")
     if not grad:
         return out, lse
     dout = torch.randn_like(out)
@@ -60,7 +62,7 @@ def compare_with_reference(q, k, v, *, backend="triton", grad=True, lse_grad=Fal
     grads = torch.autograd.grad(loss, (q, k, v))
     ref_grads = torch.autograd.grad(ref_loss, (qr, kr, vr))
     for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert g.dtype == dtype
+        assert g.dtype == dtype and g.shape == rg.shape
         assert_close(g.cpu(), rg, dtype, "grad", name)
     return out, lse
 

@@ -83,10 +83,13 @@ def test_device_mismatch_meta():
 
 
 def test_forced_backend_gives_reasons():
-    t = qkv(dtype=torch.float64, D=300)
+    t = qkv(dtype=torch.float64, D=1100)
     with pytest.raises(UnsupportedInputError, match=r"backend='triton' cannot run this input: .*float64.*"
-                                                    r"head dim of q/k is 300, more than 256"):
+                                                    r"head dim of q/k is 1100, more than 1024"):
         effattn.flash_attention(t["q"], t["k"], t["v"], backend="triton")
+    q, k, v = (torch.randn(1, 1, 4, d) for d in (16, 16, 300))
+    with pytest.raises(UnsupportedInputError, match=r"head dim of v is 300, more than 256"):
+        effattn.flash_attention(q, k, v, backend="triton")
 
 
 def test_launch_grid_limit_is_a_reason():

@@ -1,0 +1,1 @@
+"""Drop-in replacements inside third-party models (each needs its library installed)."""

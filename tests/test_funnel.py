@@ -1,0 +1,202 @@
+"""Funnel-Transformer on effattn: the fused relative attention, the pooling/up-sampling helpers, and
+Hugging Face's FunnelModel / FunnelBaseModel patched in place, against the unpatched model."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import FunnelBaseModel, FunnelConfig, FunnelModel
+from transformers.models.funnel import modeling_funnel as mf
+
+import effattn.nn as enn
+from effattn.integrations import funnel as ef
+
+
+def _config(attention_type="relative_shift", pooling_type="mean", separate_cls=True, truncate_seq=True, **kw):
+    base = dict(vocab_size=50, d_model=32, n_head=2, d_head=8, d_inner=48, block_sizes=[1, 1, 1],
+                num_decoder_layers=1, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                attention_type=attention_type, pooling_type=pooling_type, separate_cls=separate_cls,
+                truncate_seq=truncate_seq)
+    base.update(kw)
+    return FunnelConfig(**base)
+
+
+def _inputs(B, T, device):
+    ids = torch.randint(0, 50, (B, T), device=device)
+    mask = torch.ones(B, T, dtype=torch.long, device=device)
+    mask[1, T - T // 3:] = 0  # padding at the end of the second sequence
+    types = torch.zeros(B, T, dtype=torch.long, device=device)
+    types[:, 0] = 2  # [cls]
+    types[:, T // 2:] = 1  # second segment
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+
+
+def _compare_models(model, patched, inputs, *, atol=2e-5):
+    out = model(**inputs).last_hidden_state
+    out_p = patched(**inputs).last_hidden_state
+    assert out_p.shape == out.shape
+    torch.testing.assert_close(out_p, out, atol=atol, rtol=1e-4)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (out_p * w).sum().backward()
+    params = dict(model.named_parameters())
+    for name, p in patched.named_parameters():
+        g, g_ref = p.grad, params[name].grad
+        if g_ref is None:
+            assert g is None or not g.any(), name
+            continue
+        torch.testing.assert_close(g, g_ref, atol=10 * atol, rtol=1e-3, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+CASES = [(a, p, s, t) for a, p, (s, t) in itertools.product(
+    ["relative_shift", "factorized"], ["mean", "max"], [(True, True), (True, False), (False, True)])]
+
+
+@pytest.mark.parametrize("attention_type,pooling_type,separate_cls,truncate_seq", CASES)
+def test_patched_funnel_model_matches_huggingface(device, attention_type, pooling_type, separate_cls, truncate_seq):
+    cfg = _config(attention_type, pooling_type, separate_cls, truncate_seq)
+    model = FunnelModel(cfg).to(device).eval()
+    patched = ef.patch(copy.deepcopy(model), backend="triton")
+    assert ef.is_patched(patched) and not ef.is_patched(model)
+    _compare_models(model, patched, _inputs(2, 15, device))
+
+
+@pytest.mark.parametrize("attention_type", ["relative_shift", "factorized"])
+def test_patched_funnel_base_model_matches_huggingface(device, attention_type):
+    cfg = _config(attention_type, block_sizes=[1, 2, 1], block_repeats=[1, 1, 2])
+    model = FunnelBaseModel(cfg).to(device).eval()
+    patched = ef.patch(copy.deepcopy(model), backend="triton")
+    _compare_models(model, patched, _inputs(2, 21, device))
+
+
+def test_patched_pool_q_only_false(device):
+    cfg = _config("factorized", pool_q_only=False)
+    model = FunnelBaseModel(cfg).to(device).eval()
+    _compare_models(model, ef.patch(copy.deepcopy(model), backend="triton"), _inputs(2, 14, device))
+
+
+def test_patched_reference_backend_on_cpu():
+    cfg = _config("relative_shift")
+    model = FunnelModel(cfg).eval()
+    _compare_models(model, ef.patch(copy.deepcopy(model), backend="reference"), _inputs(3, 12, "cpu"))
+
+
+def test_patch_unpatch_and_errors():
+    model = FunnelModel(_config()).eval()
+    inputs = _inputs(2, 9, "cpu")
+    ref = model(**inputs).last_hidden_state
+    ef.patch(model, backend="reference")
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(**inputs, output_attentions=True)
+    ef.unpatch(model)
+    assert not ef.is_patched(model)
+    torch.testing.assert_close(model(**inputs, output_attentions=True).last_hidden_state, ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no FunnelRelMultiheadAttention"):
+        ef.patch(torch.nn.Linear(2, 2))
+
+
+class _PairShapes(TorchDispatchMode):
+    """Records every tensor produced whose shape holds two sequence lengths (a pairwise tensor)."""
+
+    def __init__(self, lengths):
+        super().__init__()
+        self.lengths, self.seen = set(lengths), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and sum(s in self.lengths for s in t.shape) >= 2:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_no_pairwise_tensor_is_formed(device):
+    """Forward and backward of the patched model never build a (Tq, Tk)-shaped tensor; the unpatched one does."""
+    T = 75
+    lengths = {75, 38, 19}  # the blocks' sequence lengths (separate_cls, truncate); no other dim takes them
+    cfg = _config("relative_shift")
+    model = FunnelModel(cfg).to(device).eval()
+    inputs = _inputs(2, T, device)
+    with _PairShapes(lengths) as unpatched:
+        model(**inputs).last_hidden_state.sum().backward()
+    assert unpatched.seen, "the checker must see Hugging Face's T x T tensors"
+    ef.patch(model, backend="triton")
+    model.zero_grad()
+    with _PairShapes(lengths) as patched:
+        model(**inputs).last_hidden_state.sum().backward()
+    assert not patched.seen, patched.seen[:5]
+
+
+# ----------------------------------------------------------------------------------------------
+# the building blocks, against Hugging Face's helpers and against the formulas written out
+# ----------------------------------------------------------------------------------------------
+def test_fused_layer_matches_huggingface_layer():
+    cfg = _config()
+    hf = mf.FunnelRelMultiheadAttention(cfg, block_index=0).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    layer = enn.FunnelRelAttention(cfg.d_model, cfg.n_head, cfg.d_head, layer_norm_eps=cfg.layer_norm_eps,
+                                   backend="reference").eval()
+    layer.load_state_dict(hf.state_dict())
+    x = torch.randn(2, 11, cfg.d_model)
+    types = torch.tensor([[2] + [0] * 5 + [1] * 5, [2] + [0] * 10])
+    mask = torch.ones(2, 11)
+    mask[0, 9:] = 0
+    structure = mf.FunnelAttentionStructure(cfg)
+    inputs = structure.init_attention_inputs(x, attention_mask=mask, token_type_ids=types)
+    (ref,) = hf(x, x, x, inputs)
+    pos = torch.arange(11)
+    out = layer(x, x, x, q_pos=pos, k_pos=pos, q_types=types, k_types=types, key_padding_mask=mask.bool(),
+                separate_cls=True)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_position_features_equal_sinusoid_of_distance():
+    c = torch.randn(3, 7, 16, dtype=torch.float64)
+    q_pos, k_pos = torch.tensor([-1, 1, 3, 5, 7, 9, 11]), torch.arange(13)
+    qf, kf = enn.position_features(c, q_pos, k_pos)
+    inv_freq = 1.0 / 10000 ** (torch.arange(8, dtype=torch.float64) / 8)
+    d = (q_pos[:, None] - k_pos[None, :]).to(torch.float64)[..., None] * inv_freq  # (Tq, Tk, 8)
+    pe = torch.cat([torch.sin(d), torch.cos(d)], -1)
+    expected = torch.einsum("biD,ijD->bij", c, pe)
+    torch.testing.assert_close(qf @ kf.to(torch.float64).T, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_token_type_features_equal_same_segment_rule():
+    B, H, Tq, Tk = 2, 3, 5, 7
+    diff, same = torch.randn(B, H, Tq, dtype=torch.float64), torch.randn(B, H, Tq, dtype=torch.float64)
+    q_types, k_types = torch.randint(0, 4, (B, Tq)), torch.randint(0, 4, (B, Tk))
+    qf, kf = enn.token_type_features(diff, same, q_types, k_types, n_types=4)
+    is_same = (q_types[:, :, None] == k_types[:, None]) | (q_types[:, :, None] == 2) | (k_types[:, None] == 2)
+    expected = torch.where(is_same[:, None], same[..., None], diff[..., None])
+    torch.testing.assert_close(qf @ kf.to(torch.float64)[:, None].transpose(-1, -2), expected)
+
+
+@pytest.mark.parametrize("separate_cls,truncate_seq", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("T", [1, 2, 7, 8])
+def test_pooling_helpers_match_huggingface(separate_cls, truncate_seq, T):
+    cfg = _config(separate_cls=separate_cls, truncate_seq=truncate_seq)
+    structure = mf.FunnelAttentionStructure(cfg)
+    kw = dict(separate_cls=separate_cls, truncate=truncate_seq)
+    x = torch.randn(2, T, 5)
+    for mode in ("mean", "max"):
+        torch.testing.assert_close(enn.pool_sequence(x, mode=mode, **kw), structure.pool_tensor(x, mode=mode))
+    types = torch.randint(0, 3, (2, T))
+    assert torch.equal(enn.stride_select(types, dim=1, **kw), structure.stride_pool(types, 1))
+    mask = (torch.rand(2, T) > 0.3).float()
+    torch.testing.assert_close(enn.pool_attention_mask(mask, **kw), structure.pool_tensor(mask, mode="min"))
+
+
+@pytest.mark.parametrize("separate_cls,truncate_seq", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("T,stride", [(9, 4), (16, 4), (7, 2), (5, 1)])
+def test_upsample_matches_huggingface(separate_cls, truncate_seq, T, stride):
+    n_pooled = max(1, math.ceil(T / stride)) + 1
+    x = torch.randn(2, n_pooled, 6)
+    expected = mf.upsample(x, stride, T, separate_cls=separate_cls, truncate_seq=truncate_seq)
+    got = enn.upsample(x, stride=stride, target_len=T, separate_cls=separate_cls, truncate=truncate_seq)
+    torch.testing.assert_close(got, expected)
