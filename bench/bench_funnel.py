@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,8 @@ from bench import harness, metadata
 PRESETS = {
     "cpu": dict(pooled=[(1, 4, 512, 64), (1, 4, 2048, 64)], funnel=[(1, 256), (1, 1024)], dtype="fp32",
                 d_model=256, n_head=4, d_head=64),
-    "h100": dict(pooled=[(8, 16, 1024, 64), (2, 16, 4096, 64), (1, 16, 16384, 64), (2, 16, 4096, 128)],
-                 funnel=[(8, 512), (4, 2048), (1, 4096)], dtype="bf16", d_model=768, n_head=12, d_head=64),
+    "h100": dict(pooled=[(8, 16, 1024, 64), (1, 16, 16384, 64), (2, 16, 4096, 128)],
+                 funnel=[(8, 512), (2, 2048)], dtype="bf16", d_model=768, n_head=12, d_head=64),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}  # max abs error vs the first provider
@@ -72,7 +71,7 @@ def _measure(fn, device, timing):
     return ms, peak
 
 
-def run_pooled(cases, dtype, device, timing, rows):
+def run_pooled(cases, dtype, device, timing, rows, on_row=lambda: None):
     providers = _pooled_providers(device)
     for B, H, T, D in cases:
         Tp = (T + 1) // 2
@@ -106,6 +105,7 @@ def run_pooled(cases, dtype, device, timing, rows):
                     torch.cuda.empty_cache()
                 rows.append({**row, "status": f"error: {type(e).__name__}: {str(e)[:120]}"})
             _progress(rows[-1])
+            on_row()
 
 
 def _funnel_layers(d_model, n_head, d_head, attention_type, device, dtype):
@@ -128,7 +128,7 @@ def _funnel_layers(d_model, n_head, d_head, attention_type, device, dtype):
     return layer, structure, fused, fused_structure
 
 
-def run_funnel(cases, dtype, device, timing, rows, d_model, n_head, d_head):
+def run_funnel(cases, dtype, device, timing, rows, d_model, n_head, d_head, on_row=lambda: None):
     for B, T in cases:
         x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
         mask = torch.ones(B, T, device=device, dtype=dtype)
@@ -172,6 +172,7 @@ def run_funnel(cases, dtype, device, timing, rows, d_model, n_head, d_head):
                         torch.cuda.empty_cache()
                     rows.append({**row, "status": f"error: {type(e).__name__}: {str(e)[:120]}"})
                 _progress(rows[-1])
+                on_row()
 
 
 def _progress(row):
@@ -224,22 +225,25 @@ def main(argv=None) -> int:
     timing = harness.TimingConfig(cpu_min_run_time_s=0.2, cuda_warmup_ms=10.0, cuda_rep_ms=50.0)
     rows: list[dict] = []
     start = time.perf_counter()
+    command = "python -m bench.bench_funnel " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write():  # after every part, so that a run stopped by a time limit still leaves its files
+        meta = metadata.collect(args.device, command,
+                                {"preset": args.preset, "timing": harness.describe_timing(args.device, timing),
+                                 "memory": harness.describe_memory(args.device),
+                                 "seconds": round(time.perf_counter() - start, 1)})
+        (args.out / "funnel.json").write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
+        (args.out / "funnel.md").write_text(format_markdown(rows, meta))
+        return meta
+
     torch.manual_seed(0)
-    if "pooled" in args.parts:
-        run_pooled(preset["pooled"], dtype, args.device, timing, rows)
     if "funnel" in args.parts:
         run_funnel(preset["funnel"], dtype, args.device, timing, rows, preset["d_model"], preset["n_head"],
-                   preset["d_head"])
-    meta = metadata.collect(args.device, "python -m bench.bench_funnel " + " ".join(argv or sys.argv[1:]),
-                            {"preset": args.preset, "timing": harness.describe_timing(args.device, timing),
-                             "memory": harness.describe_memory(args.device),
-                             "seconds": round(time.perf_counter() - start, 1)})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "funnel.json").write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1,
-                                                     default=lambda o: None if isinstance(o, float) and
-                                                     not math.isfinite(o) else str(o)) + "\n")
-    (args.out / "funnel.md").write_text(format_markdown(rows, meta))
-    print(format_markdown(rows, meta))
+                   preset["d_head"], on_row=write)
+    if "pooled" in args.parts:
+        run_pooled(preset["pooled"], dtype, args.device, timing, rows, on_row=write)
+    print(format_markdown(rows, write()))
     bad = [r for r in rows if r["status"].startswith("wrong")]
     return 1 if bad else 0
 

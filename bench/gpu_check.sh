@@ -4,17 +4,20 @@
 #   bash bench/gpu_check.sh            # from anywhere; runs in the repository root
 #
 # 1. nvidia-smi and the versions of python, torch, CUDA, triton;
-# 2. the test suite on CUDA (EFFATTN_TEST_DEVICE=cuda), time-boxed, logged to $OUT/tests_cuda.log;
-# 3. the h100 benchmark preset on CUDA, time-boxed, its files written to $OUT.
+# 2. "tests": the test suite on CUDA (EFFATTN_TEST_DEVICE=cuda), time-boxed, logged to $OUT/tests_cuda.log;
+# 3. "flash": the h100 preset of `python -m bench` on CUDA, time-boxed, its files written to $OUT;
+# 4. "funnel": `python -m bench.bench_funnel` (pooled-query attention, Funnel layers), time-boxed.
+# GPU_CHECK_PARTS (default "tests flash funnel") picks the steps.
 #
 # Uses the machine's own python, torch and triton (PYTHON overrides the interpreter); installs
 # nothing and needs no network. Output directory: $OUT, or bench/results when OUT is unset. It holds
-# 7 files: tests_cuda.log, attention.json, attention.csv, attention.md, attention_time.png,
-# attention_tflops.png, attention_memory.png.
+# at most 8 files: tests_cuda.log, attention.json, attention.csv, attention.md, attention_tflops.png,
+# attention_memory.png, funnel.json, funnel.md.
 #
-# Time: tests at most TEST_TIMEOUT_S; the benchmark stops starting new rows after the preset's
-# budget (200 s) and is interrupted (SIGINT: it still writes its files) at BENCH_TIMEOUT_S.
-# Exit status: 0 when the tests pass and the benchmark found no wrong output.
+# Time: tests at most TEST_TIMEOUT_S; the flash benchmark stops starting new rows after the preset's
+# budget and is interrupted (SIGINT: it still writes its files) at BENCH_TIMEOUT_S; the Funnel
+# benchmark is stopped at FUNNEL_TIMEOUT_S. Exit status: 0 when the tests pass and no benchmark
+# found a wrong output.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,8 +25,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 OUT_DIR="${OUT:-bench/results}"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
-TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-230}"
-BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-260}"
+TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-250}"
+BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-130}"
+FUNNEL_TIMEOUT_S="${FUNNEL_TIMEOUT_S:-170}"
+PARTS="${GPU_CHECK_PARTS:-tests flash funnel}"
+test_rc=0 bench_rc=0 funnel_rc=0
 KILL_AFTER_S=15
 mkdir -p "$OUT_DIR"
 
@@ -45,20 +51,33 @@ else:
 EOF
 "$PYTHON" -m effattn.info || echo "effattn.info failed (exit $?)"
 
-echo "== tests on CUDA (at most ${TEST_TIMEOUT_S} s)"
-# EFFATTN_AUTOTUNE=0: one config per head-dim class (compile time stays bounded); every config of
-# the tables is still compiled and checked by tests/test_kernel_configs.py. Workers compile in parallel.
-EFFATTN_TEST_DEVICE=cuda EFFATTN_AUTOTUNE=0 timeout -k "$KILL_AFTER_S" "$TEST_TIMEOUT_S" \
-    "$PYTHON" -m pytest tests -q -n "${TEST_WORKERS:-8}" --maxfail=25 2>&1 | tee "$OUT_DIR/tests_cuda.log"
-test_rc=$?
-[ "$test_rc" -eq 124 ] && echo "tests stopped after ${TEST_TIMEOUT_S} s" | tee -a "$OUT_DIR/tests_cuda.log"
+if [[ " $PARTS " == *" tests "* ]]; then
+    echo "== tests on CUDA (at most ${TEST_TIMEOUT_S} s)"
+    # EFFATTN_AUTOTUNE=0: one config per head-dim class (compile time stays bounded); every config of
+    # the tables is still compiled and checked by tests/test_kernel_configs.py. Workers compile in parallel.
+    EFFATTN_TEST_DEVICE=cuda EFFATTN_AUTOTUNE=0 timeout -k "$KILL_AFTER_S" "$TEST_TIMEOUT_S" \
+        "$PYTHON" -m pytest tests -q -n "${TEST_WORKERS:-16}" -p no:cacheprovider -rf -W ignore 2>&1 \
+        | tee "$OUT_DIR/tests_cuda.log"
+    test_rc=$?
+    [ "$test_rc" -eq 124 ] && echo "tests stopped after ${TEST_TIMEOUT_S} s" | tee -a "$OUT_DIR/tests_cuda.log"
+fi
 
-echo "== benchmark, preset h100 (at most ${BENCH_TIMEOUT_S} s)"
-timeout -s INT -k "$KILL_AFTER_S" "$BENCH_TIMEOUT_S" \
-    "$PYTHON" -m bench --preset h100 --device cuda --out "$OUT_DIR" \
-    --providers naive sdpa-flash sdpa-efficient sdpa-cudnn flex effattn-triton
-bench_rc=$?
+if [[ " $PARTS " == *" flash "* ]]; then
+    echo "== flash benchmark, preset h100 (at most ${BENCH_TIMEOUT_S} s)"
+    timeout -s INT -k "$KILL_AFTER_S" "$BENCH_TIMEOUT_S" \
+        "$PYTHON" -m bench --preset h100 --device cuda --out "$OUT_DIR" \
+        --providers naive sdpa-flash sdpa-efficient sdpa-cudnn flex effattn-triton
+    bench_rc=$?
+    rm -f "$OUT_DIR/attention_time.png"  # at most 8 files come back from the device tool
+fi
 
-echo "== done: tests exit $test_rc, benchmark exit $bench_rc; files in $OUT_DIR:"
+if [[ " $PARTS " == *" funnel "* ]]; then
+    echo "== Funnel benchmark (at most ${FUNNEL_TIMEOUT_S} s)"
+    timeout -k "$KILL_AFTER_S" "$FUNNEL_TIMEOUT_S" "$PYTHON" -m bench.bench_funnel --preset h100 --device cuda \
+        --out "$OUT_DIR"
+    funnel_rc=$?
+fi
+
+echo "== done: tests exit $test_rc, flash benchmark exit $bench_rc, Funnel benchmark exit $funnel_rc; files in $OUT_DIR:"
 ls -l "$OUT_DIR"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$funnel_rc" -eq 0 ]

@@ -474,13 +474,17 @@ def _flash_fwd_kernel(
                                        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, POOL, POOL_CLS)
     for seg in tl.static_range(3):
         seg_lo, seg_hi = _segment(seg, lo, mid_lo, mid_hi, hi)
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, seg_lo, seg_hi,
-            stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
-            Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold,
-            HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-            UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS)
+        # An empty segment is skipped, not entered: where the compiler proves one empty (the leading one
+        # without a left window) it folds the pipelined loop away but leaves its trailing wgmma wait, on
+        # which the ptxas of CUDA 12.8/12.9 (Triton 3.6's) crashes (SIGSEGV) at head dims 16 and 32 (sm_90a).
+        if seg_lo < seg_hi:
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, seg_lo, seg_hi,
+                stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
+                Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold,
+                HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+                seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+                UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS)
 
     # -- epilogue: normalise; an empty row gives O = 0 and lse = -inf --
     empty = l_i == 0.0
@@ -626,13 +630,14 @@ def _flash_bwd_dkdv_kernel(
         row_base = bh.to(tl.int64) * Tq
         for seg in tl.static_range(3):
             seg_lo, seg_hi = _segment(seg, lo, mid_lo, mid_hi, hi)
-            dk, dv = _bwd_kv_inner(
-                dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base, offs_n, seg_lo, seg_hi,
-                stride_qt, stride_qd, stride_dot, stride_dod, stride_mi, stride_mj,
-                Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
-                HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_M,
-                seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-                UPCAST_DOT, DOT_PRECISION, T_src, POOL, POOL_MAX, POOL_CLS)
+            if seg_lo < seg_hi:  # as in the forward: an empty segment is skipped
+                dk, dv = _bwd_kv_inner(
+                    dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base, offs_n, seg_lo, seg_hi,
+                    stride_qt, stride_qd, stride_dot, stride_dod, stride_mi, stride_mj,
+                    Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
+                    HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_M,
+                    seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+                    UPCAST_DOT, DOT_PRECISION, T_src, POOL, POOL_MAX, POOL_CLS)
 
     dk = dk * sm_scale
     tl.store(_tile_ptrs(DK + off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh, n0,
@@ -774,13 +779,14 @@ def _flash_bwd_dq_kernel(
                                        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, POOL, POOL_CLS)
     for seg in tl.static_range(3):
         seg_lo, seg_hi = _segment(seg, lo, mid_lo, mid_hi, hi)
-        dq = _bwd_q_inner(
-            dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, seg_lo, seg_hi,
-            stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
-            Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
-            HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-            UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS)
+        if seg_lo < seg_hi:  # as in the forward: an empty segment is skipped
+            dq = _bwd_q_inner(
+                dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, seg_lo, seg_hi,
+                stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
+                Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
+                HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+                seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+                UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS)
 
     dq = dq * sm_scale
     dq_base = DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
