@@ -54,7 +54,7 @@ def _compare_models(model, patched, inputs, *, atol=2e-5):
 
 
 CASES = [(a, p, s, t) for a, p, (s, t) in itertools.product(
-    ["relative_shift", "factorized"], ["mean", "max"], [(True, True), (True, False), (False, True)])]
+    ["relative_shift", "factorized"], ["mean", "max"], [(True, True), (True, False), (False, True), (False, False)])]
 
 
 @pytest.mark.parametrize("attention_type,pooling_type,separate_cls,truncate_seq", CASES)
@@ -130,6 +130,56 @@ def test_no_pairwise_tensor_is_formed(device):
     with _PairShapes(lengths) as patched:
         model(**inputs).last_hidden_state.sum().backward()
     assert not patched.seen, patched.seen[:5]
+
+
+def _funnel_from_effattn_parts(model, input_ids, attention_mask, token_type_ids, backend):
+    """Funnel's encoder-decoder written with effattn's parts, taking the weights of a Hugging Face model:
+    effattn.nn.pool_sequence / stride_select / pool_attention_mask for the pooling layers,
+    FunnelRelAttention for every attention, upsample for the decoder (Hugging Face's FFNs reused)."""
+    cfg = model.config
+    flags = dict(separate_cls=cfg.separate_cls, truncate=cfg.truncate_seq)
+
+    def attention(hf_layer, query, kv, q_pos, k_pos, q_types, k_types, mask):
+        layer = enn.FunnelRelAttention(cfg.d_model, cfg.n_head, cfg.d_head, layer_norm_eps=cfg.layer_norm_eps,
+                                       backend=backend).to(query.device).eval()
+        layer.load_state_dict(hf_layer.attention.state_dict())
+        out = layer(query, kv, kv, q_pos=q_pos, k_pos=k_pos, q_types=q_types, k_types=k_types,
+                    key_padding_mask=mask, separate_cls=cfg.separate_cls)
+        return hf_layer.ffn(out)
+
+    T = input_ids.shape[1]
+    full = (torch.arange(T, device=input_ids.device), token_type_ids, attention_mask.bool())
+    hidden = model.embeddings(input_ids)
+    pos, types, mask = full
+    for b, block in enumerate(model.encoder.blocks):
+        pooling = b > 0 and hidden.size(1) > (2 if cfg.separate_cls else 1)
+        for i, hf_layer in enumerate(block):
+            for r in range(cfg.block_repeats[b]):
+                if pooling and i == 0 and r == 0:
+                    query = enn.pool_sequence(hidden, mode=cfg.pooling_type, **flags)
+                    q_pos, q_types = enn.stride_select(pos, dim=0, **flags), enn.stride_select(types, dim=1, **flags)
+                    hidden = attention(hf_layer, query, hidden, q_pos, pos, q_types, types, mask)
+                    pos, types, mask = q_pos, q_types, enn.pool_attention_mask(mask, **flags)
+                else:
+                    hidden = attention(hf_layer, hidden, hidden, pos, pos, types, types, mask)
+        if b == 0:
+            first_block = hidden
+    hidden = enn.upsample(hidden, stride=2 ** (len(cfg.block_sizes) - 1), target_len=T, **flags) + first_block
+    for hf_layer in model.decoder.layers:
+        hidden = attention(hf_layer, hidden, hidden, full[0], full[0], full[1], full[1], full[2])
+    return hidden
+
+
+@pytest.mark.parametrize("attention_type,pooling_type,separate_cls,truncate_seq",
+                         [("relative_shift", "max", True, True), ("factorized", "mean", True, False),
+                          ("relative_shift", "mean", False, True)])
+def test_encoder_decoder_built_from_effattn_parts(device, attention_type, pooling_type, separate_cls, truncate_seq):
+    cfg = _config(attention_type, pooling_type, separate_cls, truncate_seq, num_decoder_layers=2)
+    model = FunnelModel(cfg).to(device).eval()
+    inputs = _inputs(2, 19, device)
+    expected = model(**inputs).last_hidden_state
+    got = _funnel_from_effattn_parts(model, **inputs, backend="triton")
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
