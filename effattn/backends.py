@@ -86,7 +86,8 @@ class TritonBackend(Backend):
     name = "triton"
     description = "Triton flash-attention kernels (fwd + bwd)"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim_qk = 1024  # QK features beyond the usual head dims: e.g. Funnel's fused relative terms
+    max_head_dim_qk = 2048  # QK features beyond the usual head dims: e.g. Funnel's fused relative terms
+    max_head_dim_qk_fp32 = 1024  # wider float32 tiles do not fit in shared memory
     max_head_dim_v = 256
     max_grid_yz = 65535  # the launch grid is (blocks, heads, batch); CUDA caps its y and z axes
     max_pool_stride = 16  # kernels.flash_attn.MAX_POOL_STRIDE (the pooling loop is unrolled)
@@ -124,6 +125,9 @@ class TritonBackend(Backend):
                                                                                 self.max_head_dim_v)):
             if d > most:
                 reasons.append(f"head dim of {what} is {d}, more than {most}")
+        if call.dtype == torch.float32 and self.max_head_dim_qk_fp32 < call.head_dim_qk <= self.max_head_dim_qk:
+            reasons.append(f"float32 with a q/k head dim above {self.max_head_dim_qk_fp32} (is {call.head_dim_qk}) "
+                           "does not fit in shared memory: use float16/bfloat16")
         if max(call.batch, call.heads) > self.max_grid_yz:
             reasons.append(f"batch ({call.batch}) and heads ({call.heads}) must each be <= {self.max_grid_yz} "
                            "(CUDA launch grid)")

@@ -109,7 +109,8 @@ def pooled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strid
         stride: pooling window and step (Funnel uses 2).
         causal: key ``j`` is visible to pooled query ``i`` iff ``j <= pos_i``, with ``pos_i`` the
             pooled position (:func:`pooled_positions`: the first token of the window; the [cls]
-            query counts as token 0, so it sees the [cls] key only).
+            query counts as token 0, so it sees the [cls] key only). A rule on positions, not
+            autoregressive safety: a pooled query averages the rows up to the end of its window.
         key_padding_mask: ``(B, T)`` bool, True = keep, over the unpooled keys. For the mask of the
             pooled sequence (the keys of the next layer), see :func:`pool_key_padding_mask`.
         scale: default ``1 / sqrt(Dqk)``.

@@ -49,7 +49,7 @@ AUTOTUNE = os.environ.get("EFFATTN_AUTOTUNE", "1") != "0"
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # of V; Q/K go up to MAX_HEAD_DIM_QK (extra features, e.g. Funnel's relative terms)
-MAX_HEAD_DIM_QK = 1024
+MAX_HEAD_DIM_QK = 2048
 MIN_BLOCK_D = 16  # tl.dot needs K >= 16
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,7 +63,7 @@ _alloc = torch.empty
 # autotuning: configs per head dim on the GPU, one small fixed config under the interpreter
 # ----------------------------------------------------------------------------------------------
 # Per head-dim class (the largest padded head dim it serves): (BLOCK_M, BLOCK_N, num_warps, num_stages).
-HEAD_DIM_CLASSES = (64, 128, 256, 512, 1024)
+HEAD_DIM_CLASSES = (64, 128, 256, 512, 1024, 2048)
 # Within a class, configs are ordered by the register spills that Triton 3.9's sm_90 compile shows for
 # fp16 (tests/aot_sm90.py; least first): without autotuning (EFFATTN_AUTOTUNE=0) the first that fits runs.
 FWD_CONFIGS = {
@@ -73,6 +73,7 @@ FWD_CONFIGS = {
     # QK head dims above 256 (V at most 256): small tiles, one stage; not yet tuned on a GPU
     512: [(64, 32, 8, 1), (32, 32, 4, 1)],
     1024: [(32, 32, 8, 1), (16, 32, 4, 1)],
+    2048: [(16, 16, 4, 1)],
 }
 BWD_KV_CONFIGS = {  # BLOCK_M = query rows streamed, BLOCK_N = keys owned
     64: [(32, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2), (32, 128, 4, 3)],
@@ -80,6 +81,7 @@ BWD_KV_CONFIGS = {  # BLOCK_M = query rows streamed, BLOCK_N = keys owned
     256: [(64, 64, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2)],
     512: [(32, 32, 8, 1), (16, 32, 4, 1)],
     1024: [(16, 32, 8, 1), (16, 16, 4, 1)],
+    2048: [(16, 16, 4, 1)],
 }
 BWD_Q_CONFIGS = {  # BLOCK_M = queries owned, BLOCK_N = keys streamed
     64: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)],
@@ -87,6 +89,7 @@ BWD_Q_CONFIGS = {  # BLOCK_M = queries owned, BLOCK_N = keys streamed
     256: [(64, 32, 8, 1), (64, 32, 8, 2), (64, 16, 4, 1)],
     512: [(32, 32, 8, 1), (16, 32, 4, 1)],
     1024: [(16, 32, 8, 1), (16, 16, 4, 1)],
+    2048: [(16, 16, 4, 1)],
 }
 # Under the interpreter: one small, non-square config each, so that tests cover several blocks,
 # ragged edges and all three loop segments at small sizes.
@@ -158,7 +161,7 @@ def _prune_for(table):
 
 
 _AUTOTUNE_KEY = ["BLOCK_DQK", "BLOCK_DV", "Q_BUCKET", "K_BUCKET", "MASK_KIND", "HAS_DROPOUT",
-                 "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "POOL", "POOL_MAX"]
+                 "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "POOL", "POOL_MAX", "POOL_CLS"]
 MAX_POOL_STRIDE = 16  # the pooling loop is unrolled
 
 

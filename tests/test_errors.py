@@ -83,12 +83,15 @@ def test_device_mismatch_meta():
 
 
 def test_forced_backend_gives_reasons():
-    t = qkv(dtype=torch.float64, D=1100)
+    t = qkv(dtype=torch.float64, D=2100)
     with pytest.raises(UnsupportedInputError, match=r"backend='triton' cannot run this input: .*float64.*"
-                                                    r"head dim of q/k is 1100, more than 1024"):
+                                                    r"head dim of q/k is 2100, more than 2048"):
         effattn.flash_attention(t["q"], t["k"], t["v"], backend="triton")
     q, k, v = (torch.randn(1, 1, 4, d) for d in (16, 16, 300))
     with pytest.raises(UnsupportedInputError, match=r"head dim of v is 300, more than 256"):
+        effattn.flash_attention(q, k, v, backend="triton")
+    q, k, v = (torch.randn(1, 1, 4, d) for d in (1100, 1100, 64))
+    with pytest.raises(UnsupportedInputError, match=r"float32 with a q/k head dim above 1024 \(is 1100\)"):
         effattn.flash_attention(q, k, v, backend="triton")
 
 

@@ -74,10 +74,37 @@ def test_patched_funnel_base_model_matches_huggingface(device, attention_type):
     _compare_models(model, patched, _inputs(2, 21, device))
 
 
-def test_patched_pool_q_only_false(device):
-    cfg = _config("factorized", pool_q_only=False)
+def test_patched_model_under_autocast(device):
+    """Mixed precision: projections in bfloat16, parameters in float32 (the kernels get one dtype)."""
+    model = FunnelModel(_config("factorized")).to(device).eval()
+    patched = ef.patch(copy.deepcopy(model), backend="triton")
+    inputs = _inputs(2, 13, device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        expected = model(**inputs).last_hidden_state
+        got = patched(**inputs).last_hidden_state
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got.float(), expected.float(), atol=6e-2, rtol=6e-2)
+    got.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in patched.parameters() if p.requires_grad
+               and p.grad is not None)
+
+
+@pytest.mark.parametrize("attention_type", ["relative_shift", "factorized"])
+def test_patched_pool_q_only_false(device, attention_type):
+    cfg = _config(attention_type, pool_q_only=False)
     model = FunnelBaseModel(cfg).to(device).eval()
     _compare_models(model, ef.patch(copy.deepcopy(model), backend="triton"), _inputs(2, 14, device))
+
+
+def test_large_funnel_width_runs_on_triton(device):
+    """d_model 1024 (Funnel large/xlarge): 64 + 1024 + 4 QK features, a wide tile class, half precision."""
+    cfg = _config("relative_shift", d_model=1024, n_head=1, d_head=64, d_inner=32, block_sizes=[1, 1],
+                  num_decoder_layers=1)
+    model = FunnelBaseModel(cfg).to(device, torch.float16).eval()
+    patched = ef.patch(copy.deepcopy(model), backend="triton")
+    inputs = _inputs(2, 9, device)
+    torch.testing.assert_close(patched(**inputs).last_hidden_state.float(),
+                               model(**inputs).last_hidden_state.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_patched_reference_backend_on_cpu():

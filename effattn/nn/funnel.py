@@ -16,13 +16,15 @@ How the score is fused. Funnel's score for query ``i`` and key ``j`` is
 with the position and type terms zero on the [cls] row and column (``separate_cls``). Both extra terms
 are low-rank: by ``sin(a - b) = sin a cos b - cos a sin b`` (and the cosine rule) the position term is
 ``A_i . cos(b_j w) + B_i . sin(b_j w)`` with ``A, B`` per query, and ``same(i, j)`` is
-``1 - n_i n_j + sum_t e_it e_jt`` (``n``: not [cls]; ``e_t``: one-hot of type ``t``). So each query
-gets ``d_model + n_types + 2`` extra features and each key the matching ones, the extra query
-features are zeroed on the [cls] row and the key features on the [cls] column, and one attention
-call with a QK head dim of ``d_head + d_model + n_types + 2`` (the V head dim stays ``d_head``)
-computes exactly the full score. Hugging Face's two attention types ("relative_shift" and
-"factorized") compute the same score (they differ only in where they apply dropout to the sinusoids,
-see below), so both run this way.
+``1 - n_i n_j + sum_t e_it e_jt`` (``n``: not [cls]; ``e_t``: one-hot of the non-[cls] type ``t``).
+So each query gets ``d_model + n_seg + 2`` extra features (``n_seg`` non-[cls] token types: 2 in
+Funnel) and each key the matching ones, the extra query features are zeroed on the [cls] row and
+the key features on the [cls] column, and one attention call with a QK head dim of
+``d_head + d_model + n_seg + 2`` (the V head dim stays ``d_head``) computes exactly the full
+score. Funnel's small/medium/intermediate checkpoints (``d_model`` 768) need 836 QK features, large
+and xlarge (``d_model`` 1024) 1092: the Triton kernels take up to 2048 (float16/bfloat16 above 1024).
+Hugging Face's two attention types ("relative_shift" and "factorized") compute the same score (they
+differ only in where they apply dropout to the sinusoids, see below), so both run this way.
 
 Differences from Hugging Face, all outside evaluation-mode results on real inputs:
 
@@ -102,16 +104,17 @@ def token_type_features(diff: torch.Tensor, same: torch.Tensor, q_types: torch.T
         diff, same: ``(B, H, Tq)`` the query's score for a key of another / the same segment.
         q_types, k_types: ``(B, Tq)``, ``(B, Tk)`` integer token types in ``[0, n_types)``.
     Returns:
-        ``q_feat (B, H, Tq, n_types + 2)`` in diff's dtype, ``k_feat (B, Tk, n_types + 2)`` float32.
+        ``q_feat (B, H, Tq, F)`` in diff's dtype and ``k_feat (B, Tk, F)`` float32, with ``F = 2 + ``
+        the number of types in ``[0, n_types)`` other than ``cls_type``.
     """
-    types = torch.arange(n_types, device=q_types.device)
+    types = torch.tensor([t for t in range(n_types) if t != cls_type], device=q_types.device, dtype=q_types.dtype)
     # same(i, j) = 1 - n_i n_j + sum_t e_it e_jt, n = not [cls], e_t = one-hot of type t (not [cls])
     q_n = (q_types != cls_type).to(diff.dtype)
-    q_e = ((q_types[..., None] == types) & (q_types[..., None] != cls_type)).to(diff.dtype)
+    q_e = (q_types[..., None] == types).to(diff.dtype)
     delta = same - diff
     q_feat = torch.cat([same[..., None], (-delta * q_n[:, None])[..., None], delta[..., None] * q_e[:, None]], -1)
     k_n = (k_types != cls_type).to(torch.float32)
-    k_e = ((k_types[..., None] == types) & (k_types[..., None] != cls_type)).to(torch.float32)
+    k_e = (k_types[..., None] == types).to(torch.float32)
     k_feat = torch.cat([torch.ones_like(k_n)[..., None], k_n[..., None], k_e], dim=-1)
     return q_feat, k_feat
 
@@ -156,8 +159,9 @@ def funnel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, r_w_b
         q_tt, k_tt = token_type_features(seg[..., 0], seg[..., 1], q_types, k_types, n_types)
         q_parts.append(q_tt)
         k_parts.append(k_tt.to(dtype)[:, None].expand(-1, H, -1, -1))
-    q_ext = torch.cat(q_parts, dim=-1)
-    k_ext = torch.cat(k_parts, dim=-1)
+    # One dtype for the kernel: under autocast the projections are half precision, the biases float32.
+    q_ext = torch.cat(q_parts, dim=-1).to(v.dtype)
+    k_ext = torch.cat(k_parts, dim=-1).to(v.dtype)
     if separate_cls:  # [cls] pairs keep the content term only
         q_ext = _zero_extra(q_ext, Dh)
         k_ext = _zero_extra(k_ext, Dh)
