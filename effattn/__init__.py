@@ -7,6 +7,7 @@ Public API:
 * :func:`scaled_dot_product_attention` — drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 * :func:`pooled_attention` — Funnel-Transformer attention with queries pooled inside the kernel;
   :func:`pooled_positions`, :func:`pool_key_padding_mask` for the pooled sequence.
+* :func:`sparse_attention` with a :class:`BlockMask` — block-sparse attention (kept blocks only).
 * :mod:`effattn.reference` — the reference implementation every backend is tested against.
 * ``python -m effattn.info`` — which backends run on this machine, and why not.
 """
@@ -21,13 +22,17 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
     __path__.append(_root)  # noqa: F821 - the package's own search path
 
 from effattn.backends import BACKENDS, UnsupportedInputError, get_backend, select_backend  # noqa: E402
+from effattn.block_mask import BlockMask, MaskRule  # noqa: E402
 from effattn.flash import flash_attention, scaled_dot_product_attention  # noqa: E402
 from effattn.pooled import QueryPool, pool_key_padding_mask, pooled_attention, pooled_positions  # noqa: E402
+from effattn.sparse import sparse_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "BlockMask",
+    "MaskRule",
     "QueryPool",
     "UnsupportedInputError",
     "flash_attention",
@@ -37,4 +42,5 @@ __all__ = [
     "pooled_positions",
     "scaled_dot_product_attention",
     "select_backend",
+    "sparse_attention",
 ]

@@ -62,6 +62,24 @@ class Backend(abc.ABC):
     def backward(self, dout, q, k, v, out, lse, mask, dlse, **kw):
         """``(dq, dk, dv)`` of :func:`effattn.reference.attention_backward`'s signature."""
 
+    @abc.abstractmethod
+    def sparse_forward(self, q, k, v, block_mask, key_padding_mask, *, scale):
+        """``(out, lse)`` of block-sparse attention over an :class:`effattn.BlockMask`."""
+
+    @abc.abstractmethod
+    def sparse_backward(self, dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask, *, scale):
+        """``(dq, dk, dv)`` of :meth:`sparse_forward` (``dlse``: gradient of lse, or None)."""
+
+
+def _visible_rows(block_mask, key_padding_mask):
+    """``(r0, r1) -> bool (B|1, H|1, r1 - r0, Tk)``: the mask's visibility of a chunk of query rows."""
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        visible = block_mask.dense_rows(r0, r1)
+        return visible if key_padding_mask is None else visible & key_padding_mask[:, None, None, :]
+
+    return rows
+
 
 class ReferenceBackend(Backend):
     """Chunked PyTorch implementation: any device, no T x T matrix, float64 capable."""
@@ -78,6 +96,13 @@ class ReferenceBackend(Backend):
 
     def backward(self, dout, q, k, v, out, lse, mask, dlse, **kw):
         return reference.attention_backward(dout, q, k, v, out, lse, mask, dlse, **kw)
+
+    def sparse_forward(self, q, k, v, block_mask, key_padding_mask, *, scale):
+        return reference.sparse_attention_forward(q, k, v, _visible_rows(block_mask, key_padding_mask), scale=scale)
+
+    def sparse_backward(self, dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask, *, scale):
+        return reference.sparse_attention_backward(dout, q, k, v, out, lse, dlse,
+                                                   _visible_rows(block_mask, key_padding_mask), scale=scale)
 
 
 class TritonBackend(Backend):
@@ -150,6 +175,15 @@ class TritonBackend(Backend):
 
     def backward(self, dout, q, k, v, out, lse, mask, dlse, **kw):
         return self._kernels.flash_attn_backward(dout, q, k, v, out, lse, mask, dlse, **kw)
+
+    def sparse_forward(self, q, k, v, block_mask, key_padding_mask, *, scale):
+        from effattn.kernels import block_sparse_attn
+        return block_sparse_attn.sparse_attn_forward(q, k, v, block_mask, key_padding_mask, scale=scale)
+
+    def sparse_backward(self, dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask, *, scale):
+        from effattn.kernels import block_sparse_attn
+        return block_sparse_attn.sparse_attn_backward(dout, q, k, v, out, lse, block_mask, key_padding_mask,
+                                                      dlse=dlse, scale=scale)
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), ReferenceBackend())}

@@ -54,6 +54,8 @@ __all__ = [
     "pool_queries",
     "pool_queries_backward",
     "pooled_positions",
+    "sparse_attention_backward",
+    "sparse_attention_forward",
 ]
 
 # Dropout compares the top DROPOUT_BITS bits of a 32-bit Philox draw with a threshold.
@@ -401,6 +403,52 @@ def _attention_backward(dout, q, k, v, out, lse, mask, dlse, *, scale, window_le
         ds = p * (dp - _grouped(delta[:, :, rows], n_kv)[..., None])
         dq[:, :, rows] = (torch.matmul(ds, kc[:, :, :, cols]) * scale).flatten(1, 2).to(q.dtype)
         dk[:, :, cols] += (torch.matmul(ds.transpose(-1, -2), q_c) * scale).sum(2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# block-sparse attention: the same attention, visibility given by query-row chunks
+# ----------------------------------------------------------------------------------------------
+def _row_step(B: int, H: int, Tk: int, device) -> int:
+    budget = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+    return max(1, budget // max(1, B * H * Tk))
+
+
+def sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible_rows, *,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention where ``visible_rows(r0, r1)`` gives the bool visibility ``(B|1, H|1, r1 - r0, Tk)`` of
+    query rows ``[r0, r1)`` (e.g. ``BlockMask.dense_rows`` and a key padding mask): computed by row
+    chunks, never the whole ``Tq x Tk`` mask. Returns ``out (B, Hq, Tq, Dv)``, ``lse (B, Hq, Tq)``."""
+    B, Hq, Tq, _ = q.shape
+    out = _alloc(B, Hq, Tq, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = _alloc(B, Hq, Tq, dtype=compute_dtype(q.dtype), device=q.device)
+    step = _row_step(B, Hq, k.shape[2], q.device)
+    for r0 in range(0, Tq, step):
+        r1 = min(Tq, r0 + step)
+        out[:, :, r0:r1], lse[:, :, r0:r1] = attention_forward(q[:, :, r0:r1], k, v, visible_rows(r0, r1),
+                                                               scale=scale)
+    return out, lse
+
+
+def sparse_attention_backward(dout, q, k, v, out, lse, dlse, visible_rows, *, scale: float):
+    """Gradients ``dq, dk, dv`` of :func:`sparse_attention_forward` (and of its lse, through ``dlse``
+    ``(B, Hq, Tq)`` or None), by the same row chunks."""
+    cdt = compute_dtype(q.dtype)
+    Tq = q.shape[2]
+    dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
+    kc, vc = k.to(cdt), v.to(cdt)
+    step = _row_step(q.shape[0], q.shape[1], k.shape[2], q.device)
+    for r0 in range(0, Tq, step):
+        r1 = min(Tq, r0 + step)
+        rows = slice(r0, r1)
+        dq_c, dk_c, dv_c = attention_backward(dout[:, :, rows].to(cdt), q[:, :, rows].to(cdt), kc, vc,
+                                              out[:, :, rows].to(cdt), lse[:, :, rows], visible_rows(r0, r1),
+                                              None if dlse is None else dlse[:, :, rows], scale=scale)
+        dq[:, :, rows] = dq_c.to(q.dtype)
+        dk += dk_c
+        dv += dv_c
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -23,11 +23,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource  # noqa: E402
 
+from effattn.kernels import block_sparse_attn as bsa  # noqa: E402
 from effattn.kernels import flash_attn as fa  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
 FP32_POINTERS = {"LSE", "DELTA", "DLSE"}
+INT32_POINTERS = {"KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM", "Q_IDX", "QSEG", "KSEG"}
 FLOAT_ARGS = {"qk_scale", "sm_scale", "drop_scale"}
 TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 
@@ -59,7 +61,18 @@ VARIANTS = [
     ("dq fp16 Dqk837 Dv64", "bwd_q", "fp16", 64, fa.BWD_Q_CONFIGS[1024][0], None,
      dict(HEAD_DIM_QK=837, BLOCK_DQK=1024)),
 ]
-KERNELS = {"fwd": fa._flash_fwd_kernel, "bwd_kv": fa._flash_bwd_dkdv_kernel, "bwd_q": fa._flash_bwd_dq_kernel}
+KERNELS = {"fwd": fa._flash_fwd_kernel, "bwd_kv": fa._flash_bwd_dkdv_kernel, "bwd_q": fa._flash_bwd_dq_kernel,
+           "sparse_fwd": bsa._sparse_fwd_kernel, "sparse_bwd_kv": bsa._sparse_bwd_dkdv_kernel,
+           "sparse_bwd_q": bsa._sparse_bwd_dq_kernel}
+# block-sparse: tiles are the mask's blocks; (BLOCK_M, BLOCK_N, warps, stages) as the launcher uses them
+SPARSE_TILE = (64, 64, bsa.NUM_WARPS, bsa.NUM_STAGES)
+SPARSE_RULE = dict(HAS_WINDOW_LEFT=True, HAS_WINDOW_RIGHT=True, HAS_SEGMENTS=True, HAS_GLOBAL=True, HAS_KPM=True)
+VARIANTS += [
+    ("sparse fwd bf16 D128 rule+kpm", "sparse_fwd", "bf16", 128, SPARSE_TILE, None, SPARSE_RULE),
+    ("sparse dkdv fp16 D64 rule+kpm", "sparse_bwd_kv", "fp16", 64, SPARSE_TILE, None, SPARSE_RULE),
+    ("sparse dq fp16 D64 blocks only", "sparse_bwd_q", "fp16", 64, SPARSE_TILE, None, dict(HAS_KPM=False)),
+]
+SPARSE_DROPS = ("MASK_KIND", "MASK_ROW_BCAST", "HAS_DROPOUT", "POOL", "POOL_MAX", "POOL_CLS")
 
 
 def _signature(jit, dtype, mask_dtype, constexprs):
@@ -71,6 +84,10 @@ def _signature(jit, dtype, mask_dtype, constexprs):
             sig[name] = "*" + TRITON_DTYPE[dtype]
         elif name in FP32_POINTERS:
             sig[name] = "*fp32"
+        elif name in INT32_POINTERS:
+            sig[name] = "*i32"
+        elif name == "KPM":
+            sig[name] = "*u8"
         elif name == "MASK":
             sig[name] = "*" + (mask_dtype or TRITON_DTYPE[dtype])
         elif name in FLOAT_ARGS:
@@ -96,12 +113,16 @@ def _resources(cubin: bytes) -> dict:
 
 def compile_variant(variant) -> dict:
     name, kind, dtype, head_dim, (bm, bn, warps, stages), mask_dtype, extra = variant
-    jit = KERNELS[kind].fn
+    kernel = KERNELS[kind]
+    jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     constexprs = dict(HEAD_DIM_QK=head_dim, HEAD_DIM_V=head_dim, BLOCK_DQK=fa._block_d(head_dim),
                       BLOCK_DV=fa._block_d(head_dim), HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=False,
                       MASK_KIND=fa.MASK_NONE, MASK_ROW_BCAST=False, HAS_DROPOUT=False, UPCAST_DOT=False,
                       DOT_PRECISION="tf32", POOL=1, POOL_MAX=False, POOL_CLS=False, BLOCK_M=bm, BLOCK_N=bn)
     constexprs.update(extra)
+    if kind.startswith("sparse"):
+        constexprs = {k: v for k, v in constexprs.items() if k not in SPARSE_DROPS}
+        constexprs = {"HAS_SEGMENTS": False, "HAS_GLOBAL": False, **constexprs}
     try:
         src = ASTSource(jit, _signature(jit, dtype, mask_dtype, constexprs), constexprs=constexprs)
         compiled = triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})

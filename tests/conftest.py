@@ -29,7 +29,7 @@ os.environ.pop("EFFATTN_BACKEND", None)
 import torch  # noqa: E402
 
 import effattn.reference as reference  # noqa: E402
-from effattn.kernels import flash_attn  # noqa: E402
+from effattn.kernels import block_sparse_attn, flash_attn  # noqa: E402
 
 
 @pytest.fixture
@@ -52,4 +52,5 @@ def _poisoned_alloc(*size, dtype=None, device=None, **kw):
 def _poison_outputs(monkeypatch):
     """Every output buffer of the kernels and the reference starts as NaN: unwritten elements fail."""
     monkeypatch.setattr(flash_attn, "_alloc", _poisoned_alloc)
+    monkeypatch.setattr(block_sparse_attn, "_alloc", _poisoned_alloc)
     monkeypatch.setattr(reference, "_alloc", _poisoned_alloc)
