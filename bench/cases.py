@@ -114,10 +114,10 @@ PRESETS: dict[str, Sweep] = {
         Sweep(
             name="h100",
             description=("GPU: bf16, D=64/128, T=1k/4k/16k with B*T=16k tokens and Hq*D=2048, dense and "
-                         "causal, fwd and fwd+bwd; time-boxed to 120 s (a full sweep took 200 s on an H100)"),
+                         "causal, fwd and fwd+bwd; time-boxed to 100 s (a full sweep took 200 s on an H100)"),
             seqlens=(KI, 4 * KI, 16 * KI), headdims=(64, 128), dtypes=("bf16",),
             causal=(False, True), modes=("fwd", "fwd+bwd"), tokens=FA_BENCH_TOKENS, model_dim=FA_BENCH_MODEL_DIM,
-            timing=TimingConfig(cuda_warmup_ms=10.0, cuda_rep_ms=50.0), time_budget_s=120.0,
+            timing=TimingConfig(cuda_warmup_ms=10.0, cuda_rep_ms=50.0), time_budget_s=100.0,
         ),
     )
 }

@@ -6,13 +6,15 @@
 # 1. nvidia-smi and the versions of python, torch, CUDA, triton;
 # 2. "tests": the test suite on CUDA (EFFATTN_TEST_DEVICE=cuda), time-boxed, logged to $OUT/tests_cuda.log;
 # 3. "flash": the h100 preset of `python -m bench` on CUDA, time-boxed, its files written to $OUT;
-# 4. "funnel": `python -m bench.bench_funnel` (pooled-query attention, Funnel layers), time-boxed.
-# GPU_CHECK_PARTS (default "tests flash funnel") picks the steps.
+# 4. "funnel": `python -m bench.bench_funnel` (pooled-query attention, Funnel layers), time-boxed;
+# 5. "sparse": `python -m bench.bench_sparse` (block-sparse attention vs density), time-boxed.
+# GPU_CHECK_PARTS (default "tests flash funnel sparse") picks the steps; all of them fit one 10-minute
+# call only tightly: split them over two calls (e.g. "tests flash" then "funnel sparse") when possible.
 #
 # Uses the machine's own python, torch and triton (PYTHON overrides the interpreter); installs
 # nothing and needs no network. Output directory: $OUT, or bench/results when OUT is unset. It holds
-# at most 8 files: tests_cuda.log, attention.json, attention.csv, attention.md, attention_tflops.png,
-# attention_memory.png, funnel.json, funnel.md.
+# at most 8 files (the device tool's limit): tests_cuda.log, attention.json, attention.md,
+# attention_tflops.png, funnel.json, funnel.md, sparse.json, sparse.md.
 #
 # Time: tests at most TEST_TIMEOUT_S; the flash benchmark stops starting new rows after the preset's
 # budget and is interrupted (SIGINT: it still writes its files) at BENCH_TIMEOUT_S; the Funnel
@@ -25,11 +27,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 OUT_DIR="${OUT:-bench/results}"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
-TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-250}"
-BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-130}"
-FUNNEL_TIMEOUT_S="${FUNNEL_TIMEOUT_S:-170}"
-PARTS="${GPU_CHECK_PARTS:-tests flash funnel}"
-test_rc=0 bench_rc=0 funnel_rc=0
+TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-230}"
+BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-110}"
+FUNNEL_TIMEOUT_S="${FUNNEL_TIMEOUT_S:-100}"
+SPARSE_TIMEOUT_S="${SPARSE_TIMEOUT_S:-100}"
+PARTS="${GPU_CHECK_PARTS:-tests flash funnel sparse}"
+test_rc=0 bench_rc=0 funnel_rc=0 sparse_rc=0
 KILL_AFTER_S=15
 mkdir -p "$OUT_DIR"
 
@@ -68,7 +71,7 @@ if [[ " $PARTS " == *" flash "* ]]; then
         "$PYTHON" -m bench --preset h100 --device cuda --out "$OUT_DIR" \
         --providers naive sdpa-flash sdpa-efficient sdpa-cudnn flex effattn-triton
     bench_rc=$?
-    rm -f "$OUT_DIR/attention_time.png"  # at most 8 files come back from the device tool
+    rm -f "$OUT_DIR/attention_time.png" "$OUT_DIR/attention_memory.png" "$OUT_DIR/attention.csv"  # 8 files at most
 fi
 
 if [[ " $PARTS " == *" funnel "* ]]; then
@@ -78,6 +81,15 @@ if [[ " $PARTS " == *" funnel "* ]]; then
     funnel_rc=$?
 fi
 
-echo "== done: tests exit $test_rc, flash benchmark exit $bench_rc, Funnel benchmark exit $funnel_rc; files in $OUT_DIR:"
+if [[ " $PARTS " == *" sparse "* ]]; then
+    echo "== block-sparse benchmark (at most ${SPARSE_TIMEOUT_S} s)"
+    timeout -k "$KILL_AFTER_S" "$SPARSE_TIMEOUT_S" "$PYTHON" -m bench.bench_sparse --preset h100 --device cuda \
+        --out "$OUT_DIR"
+    sparse_rc=$?
+    rm -f "$OUT_DIR/sparse_density.png"  # 8 files at most; the JSON holds the curve
+fi
+
+echo "== done: tests exit $test_rc, flash benchmark exit $bench_rc, Funnel benchmark exit $funnel_rc," \
+     "block-sparse benchmark exit $sparse_rc; files in $OUT_DIR:"
 ls -l "$OUT_DIR"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$funnel_rc" -eq 0 ]
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$funnel_rc" -eq 0 ] && [ "$sparse_rc" -eq 0 ]

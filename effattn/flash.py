@@ -115,7 +115,8 @@ def _run(q, k, v, mask, shape, *, scale, window_left, window_right, diag_offset,
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                     window: tuple[int | None, int | None] | None = None, dropout_p: float = 0.0,
-                    return_lse: bool = False, dropout_seed: int | None = None, backend: str | None = None):
+                    return_lse: bool = False, dropout_seed: int | None = None, backend: str | None = None,
+                    segment_ids=None):
     """Exact attention, computed tile by tile (FlashAttention) and differentiable.
 
     Args:
@@ -139,6 +140,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             natural-log log-sum-exp of each row's scores; it is differentiable too.
         backend: None (automatic: CUDA tensors -> ``"triton"``, CPU -> ``"reference"``), or a name;
             the environment variable ``EFFATTN_BACKEND`` sets the default.
+        segment_ids: ``(B, Tq)`` int (with ``Tq == Tk``), or a pair ``(q_segment_ids (B, Tq),
+            kv_segment_ids (B, Tk))``: query ``i`` sees key ``j`` only if their segment ids are equal
+            (packed documents; DeFormer's question/context split), on top of ``causal``/``window``.
+            Runs the block-sparse kernels (:func:`effattn.sparse_attention`), which skip
+            cross-segment blocks; not with dropout.
 
     Returns:
         ``out (B, Hq, Tq, Dv)`` in q's dtype, or ``(out, lse)``. A query with no visible key gets
@@ -154,11 +160,45 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if causal:
         window_right = 0 if window_right < 0 else min(window_right, 0)
+    if segment_ids is not None:
+        return _segmented(q, k, v, shape, segment_ids, scale=scale, key_padding_mask=key_padding_mask,
+                          window_left=window_left, window_right=window_right, dropout_p=dropout_p,
+                          return_lse=return_lse, backend=backend)
     mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
     out, lse = _run(q, k, v, mask, shape, scale=scale, window_left=window_left, window_right=window_right,
                     diag_offset=shape.Tk - shape.Tq, dropout_p=dropout_p,
                     seed=_draw_seed(dropout_p, dropout_seed), backend=backend)
     return (out, lse) if return_lse else out
+
+
+SEGMENT_BLOCK_SIZE = (64, 64)  # tiles of the block mask that segment_ids turn into
+
+
+def _segmented(q, k, v, shape, segment_ids, *, scale, key_padding_mask, window_left, window_right, dropout_p,
+               return_lse, backend):
+    """flash_attention with segment ids: one MaskRule (window and segments), run block-sparse."""
+    from effattn.block_mask import BlockMask, MaskRule
+    from effattn.sparse import sparse_attention
+
+    if dropout_p > 0.0:
+        raise ValueError("segment_ids cannot be combined with dropout_p > 0 (the block-sparse kernels have no dropout)")
+    q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, None)
+    if kv_seg is None and shape.Tq != shape.Tk:
+        raise ValueError(f"segment_ids: Tq ({shape.Tq}) != Tk ({shape.Tk}): pass (q_segment_ids, kv_segment_ids)")
+    for name, seg, T in (("q segment_ids", q_seg, shape.Tq), ("kv segment_ids", kv_seg, shape.Tk)):
+        if seg is None:
+            continue
+        _validate.check_tensor(name, seg, 2, "(B, T)")
+        if seg.dtype.is_floating_point or seg.dtype == torch.bool or tuple(seg.shape) not in ((shape.B, T), (1, T)):
+            raise ValueError(f"{name} must be an integer tensor of shape (B, T) = {(shape.B, T)} (or (1, T)), "
+                             f"got {seg.dtype} {tuple(seg.shape)}")
+        if seg.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}, got {seg.device}")
+    rule = MaskRule(window_left=window_left, window_right=window_right, diag_offset=shape.Tk - shape.Tq,
+                    q_segments=q_seg, kv_segments=kv_seg)
+    block_mask = BlockMask.from_rule(rule, shape.Tq, shape.Tk, block_size=SEGMENT_BLOCK_SIZE, device=q.device)
+    return sparse_attention(q, k, v, block_mask, scale=scale, key_padding_mask=key_padding_mask,
+                            return_lse=return_lse, backend=backend)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -129,3 +129,49 @@ def test_sparse_opcheck():
             bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, None, None, 0.3, 16, 16,
             r.window_left, r.window_right, r.diag_offset, r.n_global, True, "reference")
     torch.library.opcheck(torch.ops.effattn.sparse_attention_fwd.default, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# segment_ids in flash_attention (packed documents, DeFormer): block-sparse underneath
+# ----------------------------------------------------------------------------------------------
+def test_segment_ids_equal_running_each_segment_alone(device):
+    lengths = [23, 1, 40, 17]
+    T = sum(lengths)
+    seg = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)])[None].to(device)
+    q, k, v = make_qkv(B=1, Hq=2, Tq=T, D=32, dtype=torch.float32, device=device, requires_grad=False)
+    out = effattn.flash_attention(q, k, v, causal=True, segment_ids=seg, backend="triton")
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        alone = effattn.flash_attention(q[:, :, part], k[:, :, part], v[:, :, part], causal=True, backend="triton")
+        torch.testing.assert_close(out[:, :, part], alone, atol=2e-5, rtol=2e-5)
+        start += n
+
+
+def test_segment_ids_vs_reference_with_window_padding_grads(device):
+    B, T = 2, 90
+    seg = torch.stack([torch.arange(T) // 30, torch.arange(T) // 45]).to(device)
+    kpm = torch.rand(B, T, device=device) > 0.2
+    q, k, v = make_qkv(B=B, Hq=4, Hkv=2, Tq=T, D=24, dtype=torch.float16, device=device)
+    compare_with_reference(q, k, v, segment_ids=seg, window=(20, 0), key_padding_mask=kpm)
+
+
+def test_segment_ids_pair_for_cross_attention(device):
+    q, k, v = make_qkv(B=1, Hq=1, Tq=20, Tk=36, D=16, dtype=torch.float32, device=device)
+    q_seg = (torch.arange(20) // 10)[None].to(device)
+    kv_seg = (torch.arange(36) // 18)[None].to(device)
+    compare_with_reference(q, k, v, segment_ids=(q_seg, kv_seg))
+
+
+def test_segment_ids_errors():
+    q, k, v = make_qkv(B=2, Hq=1, Tq=16, D=16)
+    seg = torch.zeros(2, 16, dtype=torch.int64)
+    with pytest.raises(ValueError, match="dropout"):
+        effattn.flash_attention(q, k, v, segment_ids=seg, dropout_p=0.1)
+    with pytest.raises(ValueError, match="integer tensor of shape"):
+        effattn.flash_attention(q, k, v, segment_ids=seg.float())
+    with pytest.raises(ValueError, match="integer tensor of shape"):
+        effattn.flash_attention(q, k, v, segment_ids=seg[:, :8])
+    q2, k2, v2 = make_qkv(B=2, Hq=1, Tq=8, Tk=16, D=16)
+    with pytest.raises(ValueError, match="pass \\(q_segment_ids, kv_segment_ids\\)"):
+        effattn.flash_attention(q2, k2, v2, segment_ids=seg)
