@@ -27,6 +27,10 @@ from effattn.flash import flash_attention, scaled_dot_product_attention  # noqa:
 from effattn.pooled import QueryPool, pool_key_padding_mask, pooled_attention, pooled_positions  # noqa: E402
 from effattn.sparse import sparse_attention  # noqa: E402
 
+# isort: split
+# after the ops exist: registers their FLOP formulas with torch.utils.flop_counter
+from effattn import profile  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
 __all__ = [
