@@ -1,5 +1,6 @@
 """Model building blocks on effattn's kernels (``torch.nn`` modules and the functions behind them)."""
 
+from effattn.nn.deformer import CachedContext, CacheInfo, ContextKey, DeFormerEncoder, EncoderLayer
 from effattn.nn.funnel import (
     CLS_TOKEN_TYPE,
     FunnelRelAttention,
@@ -14,6 +15,11 @@ from effattn.nn.funnel import (
 
 __all__ = [
     "CLS_TOKEN_TYPE",
+    "CacheInfo",
+    "CachedContext",
+    "ContextKey",
+    "DeFormerEncoder",
+    "EncoderLayer",
     "FunnelRelAttention",
     "funnel_attention",
     "pool_attention_mask",
