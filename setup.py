@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="Fused, IO-aware attention kernels (flash, pooled-query, block-sparse) for PyTorch",
     python_requires=">=3.10",
-    packages=["effattn", "effattn.kernels", "effattn.nn", "effattn.integrations"],
+    packages=["effattn", "effattn.kernels", "effattn.nn", "effattn.integrations", "effattn.sparsity"],
     package_dir={"effattn": "effattn", "effattn.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0"],
     extras_require={

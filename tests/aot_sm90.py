@@ -23,14 +23,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource  # noqa: E402
 
+from effattn.kernels import block_attn_map as bam  # noqa: E402
 from effattn.kernels import block_sparse_attn as bsa  # noqa: E402
 from effattn.kernels import flash_attn as fa  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
-FP32_POINTERS = {"LSE", "DELTA", "DLSE"}
+FP32_POINTERS = {"LSE", "DELTA", "DLSE", "OUT_MAX", "OUT_SUM"}
 INT32_POINTERS = {"KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM", "Q_IDX", "QSEG", "KSEG"}
-FLOAT_ARGS = {"qk_scale", "sm_scale", "drop_scale"}
+FLOAT_ARGS = {"qk_scale", "sm_scale", "drop_scale", "scale"}
 TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 
 # (name, kernel, dtype, head dim, (BLOCK_M, BLOCK_N, warps, stages), mask dtype or None, other constexprs)
@@ -63,7 +64,7 @@ VARIANTS = [
 ]
 KERNELS = {"fwd": fa._flash_fwd_kernel, "bwd_kv": fa._flash_bwd_dkdv_kernel, "bwd_q": fa._flash_bwd_dq_kernel,
            "sparse_fwd": bsa._sparse_fwd_kernel, "sparse_bwd_kv": bsa._sparse_bwd_dkdv_kernel,
-           "sparse_bwd_q": bsa._sparse_bwd_dq_kernel}
+           "sparse_bwd_q": bsa._sparse_bwd_dq_kernel, "attn_map": bam._block_attn_map_kernel}
 # block-sparse: tiles are the mask's blocks; (BLOCK_M, BLOCK_N, warps, stages) as the launcher uses them
 SPARSE_TILE = (64, 64, bsa.NUM_WARPS, bsa.NUM_STAGES)
 SPARSE_RULE = dict(HAS_WINDOW_LEFT=True, HAS_WINDOW_RIGHT=True, HAS_SEGMENTS=True, HAS_GLOBAL=True, HAS_KPM=True)
@@ -72,6 +73,8 @@ VARIANTS += [
     ("sparse dkdv fp16 D64 rule+kpm", "sparse_bwd_kv", "fp16", 64, SPARSE_TILE, None, SPARSE_RULE),
     ("sparse dq fp16 D64 blocks only", "sparse_bwd_q", "fp16", 64, SPARSE_TILE, None, dict(HAS_KPM=False)),
 ]
+VARIANTS += [("block attention map bf16 D64 causal", "attn_map", "bf16", 64, (64, 64, 4, 1), None,
+              dict(CAUSAL=True, WITH_SUM=True))]
 SPARSE_DROPS = ("MASK_KIND", "MASK_ROW_BCAST", "HAS_DROPOUT", "POOL", "POOL_MAX", "POOL_CLS")
 
 
@@ -120,6 +123,9 @@ def compile_variant(variant) -> dict:
                       MASK_KIND=fa.MASK_NONE, MASK_ROW_BCAST=False, HAS_DROPOUT=False, UPCAST_DOT=False,
                       DOT_PRECISION="tf32", POOL=1, POOL_MAX=False, POOL_CLS=False, BLOCK_M=bm, BLOCK_N=bn)
     constexprs.update(extra)
+    if kind == "attn_map":
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=fa._block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn, UPCAST_DOT=False,
+                          DOT_PRECISION="tf32", **extra)
     if kind.startswith("sparse"):
         constexprs = {k: v for k, v in constexprs.items() if k not in SPARSE_DROPS}
         constexprs = {"HAS_SEGMENTS": False, "HAS_GLOBAL": False, **constexprs}
