@@ -1,0 +1,48 @@
+"""End-to-end test of bench.bench_predictors (tiny preset, CPU)."""
+
+import json
+
+import pytest
+
+from bench import bench_predictors
+
+
+def test_tiny_run_writes_outputs(tmp_path):
+    assert bench_predictors.main(["--preset", "tiny", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "predictors.json").read_text())
+    assert data["metadata"]["preset"] == "tiny"
+    rows = data["rows"]
+    assert rows
+    assert {r["predictor"] for r in rows} >= {"sparsefinder", "sparsefinder+window", "gate", "gate-thr", "oracle"}
+    for r in rows:
+        for key in ("sparsity", "recall", "exact_row_recall"):
+            assert 0.0 <= r[key] <= 1.0 + 1e-6, (key, r)
+        for key in ("pred_ms", "sparse_ms", "dense_ms"):
+            assert r[key] > 0
+    # the oracle keeping all kv blocks sees all of the attention
+    T, block = rows[0]["T"], rows[0]["block"]
+    full = [r for r in rows if r["predictor"] == "oracle" and r["setting"] == f"top_k={T // block}"]
+    for r in full:
+        assert r["sparsity"] == 0.0 and r["recall"] == pytest.approx(1.0, abs=1e-5)
+    assert (tmp_path / "predictors.md").read_text().count("\n| ") >= len(rows)
+    assert (tmp_path / "predictors_recall.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["--preset", "nope"],
+    ["--device", "tpu"],
+    ["--T", "0"],
+    ["--T", "100"],  # not a multiple of the block
+    ["--min-run-time", "-1"],
+    ["--bogus"],
+])
+def test_bad_arguments_exit(argv, tmp_path):
+    with pytest.raises(SystemExit):
+        bench_predictors.main([*argv, "--out", str(tmp_path)])
+
+
+def test_sequences_are_real_text():
+    ids = bench_predictors.sequences(2, 64)
+    assert ids.shape == (2, 64)
+    text = bytes((ids.flatten() - bench_predictors.N_SPECIAL).tolist()).decode("utf-8", errors="replace")
+    assert sum(c.isalpha() for c in text) > 64  # mostly letters: English text, not noise
