@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from bench import harness, metadata
+from bench.bench_attention import _positive_float, _positive_int
 
 PRESETS = {
     "cpu": dict(T=512, layers=2, hidden=128, heads=4, n_train=6, n_eval=2, block=32, sf_steps=100, gate_steps=300,
@@ -246,24 +247,12 @@ def write_plot(path: Path, rows) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--T", type=_positive(int), default=None, help="sequence length (default: the preset's)")
-    parser.add_argument("--min-run-time", type=_positive(float), default=None,
+    parser.add_argument("--T", type=_positive_int, default=None, help="sequence length (default: the preset's)")
+    parser.add_argument("--min-run-time", type=_positive_float, default=None,
                         help="CPU blocked_autorange min_run_time in seconds (default: the preset's)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args(argv)

@@ -138,13 +138,9 @@ def _kept_pairs_from_lists(lists, q_len: int, kv_len: int, block_q: int, block_k
 def kept_pairs(block_mask) -> torch.Tensor:
     """Elements of the kept blocks of a BlockMask per (b, h), ragged edge blocks counted by their
     existing rows/columns: the pairs the block-sparse kernels compute. int64 ``(B, H)``."""
-    bq, bk = block_mask.block_size
-    rows = torch.full((block_mask.num_q_blocks,), bq, dtype=torch.int64)
-    rows[-1] = block_mask.q_len - bq * (block_mask.num_q_blocks - 1)
-    cols = torch.full((block_mask.num_kv_blocks,), bk, dtype=torch.int64)
-    cols[-1] = block_mask.kv_len - bk * (block_mask.num_kv_blocks - 1)
-    kept = (block_mask.block_kinds().cpu() != 0).to(torch.int64)
-    return torch.einsum("bhmn,m,n->bh", kept, rows, cols)
+    bm = block_mask
+    lists = ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices))
+    return _kept_pairs_from_lists(lists, bm.q_len, bm.kv_len, *bm.block_size)
 
 
 def _register_sparse() -> None:
