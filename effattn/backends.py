@@ -186,7 +186,114 @@ class TritonBackend(Backend):
                                                       dlse=dlse, scale=scale)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), ReferenceBackend())}
+class _ExtensionBackend(Backend):
+    """Common part of the backends of the compiled extension (``csrc/``, loaded by :mod:`effattn._ext`).
+
+    The extension is built at install time when possible, else on first use (JIT): only a call that
+    names the backend (``forced``) builds it; probing (automatic dispatch, ``effattn.info``) does not.
+    """
+
+    device_type = ""
+    dtypes: tuple[torch.dtype, ...] = ()
+
+    def _extension_reasons(self, build: bool) -> list[str]:
+        from effattn import _ext
+        if not build and not _ext.is_ready():
+            return ["the extension is not built yet (it is built on first use with backend=" f"{self.name!r})"]
+        why = _ext.unavailable_reason()
+        return [why] if why else []
+
+    def unavailable_reasons(self):
+        return self._extension_reasons(build=False)
+
+    def not_supported_reasons(self, call, forced=False):
+        reasons = self._extension_reasons(build=forced)
+        if call.device.type != self.device_type:
+            reasons.append(f"tensors must be on {self.device_type}, got {call.device.type}")
+        if call.dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            reasons.append(f"dtype {call.dtype} not supported ({names})")
+        if call.dropout:
+            reasons.append("dropout is not implemented in the extension's kernels")
+        if max(call.Tq, call.Tk) >= 2**31:
+            reasons.append("sequence lengths must be below 2**31")
+        if call.pool is not None and call.pool.separate_cls and call.pool.stride == 1:
+            reasons.append("separate_cls with stride 1 (the [cls] row would be pooled twice)")
+        return reasons
+
+    @property
+    def _ops(self):
+        from effattn import cuda_ops
+        return cuda_ops
+
+    def forward(self, q, k, v, mask, **kw):
+        return self._ops.attn_forward(q, k, v, mask, **kw)
+
+    def backward(self, dout, q, k, v, out, lse, mask, dlse, **kw):
+        return self._ops.attn_backward(dout, q, k, v, out, lse, mask, dlse, **kw)
+
+    def sparse_forward(self, q, k, v, block_mask, key_padding_mask, *, scale):
+        return self._ops.sparse_forward(q, k, v, block_mask, key_padding_mask, scale=scale)
+
+    def sparse_backward(self, dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask, *, scale):
+        return self._ops.sparse_backward(dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask, scale=scale)
+
+
+class CudaBackend(_ExtensionBackend):
+    """The CUDA C++ kernels of ``csrc/cuda`` (mma.sync tensor cores, sm_80+): float16/bfloat16, head dims <= 128."""
+
+    name = "cuda"
+    description = "CUDA C++ flash-attention kernels (csrc/, mma.sync, fwd + bwd)"
+    device_type = "cuda"
+    dtypes = (torch.float16, torch.bfloat16)
+    max_head_dim = 128  # effattn.cuda_ops.CUDA_MAX_HEAD_DIM
+    min_capability = (8, 0)  # mma.sync m16n8k16 bf16, ldmatrix, cp.async
+    max_grid_yz = 65535
+
+    def _device_reasons(self) -> list[str]:
+        if not torch.cuda.is_available():
+            return ["no CUDA device (torch.cuda.is_available() is False)"]
+        cap = torch.cuda.get_device_capability()
+        if cap < self.min_capability:
+            return [f"the CUDA kernels need compute capability >= 8.0, the device has {cap[0]}.{cap[1]}"]
+        return []
+
+    def _extension_reasons(self, build):
+        reasons = super()._extension_reasons(build)
+        if not reasons:
+            from effattn import _ext
+            if not _ext.load().WITH_CUDA:
+                reasons.append("the extension was built without CUDA (nvcc was not found when it was built)")
+        return reasons
+
+    def unavailable_reasons(self):
+        return super().unavailable_reasons() + self._device_reasons()
+
+    def not_supported_reasons(self, call, forced=False):
+        reasons = super().not_supported_reasons(call, forced)
+        if call.device.type == "cuda":
+            reasons += self._device_reasons()
+        for what, d in (("q/k", call.head_dim_qk), ("v", call.head_dim_v)):
+            if d > self.max_head_dim:
+                reasons.append(f"head dim of {what} is {d}, more than {self.max_head_dim} (the CUDA kernels pad "
+                               "smaller head dims to 64 or 128)")
+        if max(call.batch, call.heads) > self.max_grid_yz:
+            reasons.append(f"batch ({call.batch}) and heads ({call.heads}) must each be <= {self.max_grid_yz} "
+                           "(CUDA launch grid)")
+        return reasons
+
+
+class CppBackend(_ExtensionBackend):
+    """The C++ CPU implementation of the extension: the tiled algorithm of the CUDA kernels on CPU tensors."""
+
+    name = "cpp"
+    description = "C++ CPU implementation of the extension's tiled attention (fwd + bwd)"
+    device_type = "cpu"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), ReferenceBackend(), CudaBackend(), CppBackend())}
+# The extension's backends ("cuda", "cpp") run only when named (argument or EFFATTN_BACKEND).
 AUTO_ORDER = ("triton", "reference")
 
 

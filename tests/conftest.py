@@ -28,6 +28,7 @@ os.environ.pop("EFFATTN_BACKEND", None)
 
 import torch  # noqa: E402
 
+import effattn.cuda_ops as cuda_ops  # noqa: E402
 import effattn.reference as reference  # noqa: E402
 from effattn.kernels import block_sparse_attn, flash_attn  # noqa: E402
 
@@ -54,3 +55,4 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(flash_attn, "_alloc", _poisoned_alloc)
     monkeypatch.setattr(block_sparse_attn, "_alloc", _poisoned_alloc)
     monkeypatch.setattr(reference, "_alloc", _poisoned_alloc)
+    monkeypatch.setattr(cuda_ops, "_alloc", _poisoned_alloc)

@@ -47,7 +47,7 @@ FLASH_CASES = [
     ({}, dict(scale="big"), TypeError, "scale must be a float"),
     ({}, dict(causal=1), TypeError, "causal must be a bool"),
     ({}, dict(dropout_p=0.1, dropout_seed=-1), ValueError, "dropout_seed must be"),
-    ({}, dict(backend="cudnn"), ValueError, r"backend must be one of \['reference', 'triton'\]"),
+    ({}, dict(backend="cudnn"), ValueError, r"backend must be one of \['cpp', 'cuda', 'reference', 'triton'\]"),
 ]
 
 

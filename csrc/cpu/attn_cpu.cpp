@@ -1,0 +1,347 @@
+// C++ CPU implementation of effattn's tiled attention; see attn_cpu.h.
+//
+// The structure is that of the CUDA kernels (csrc/cuda/): the forward owns a tile of query rows and
+// walks the key tiles it may see with an online softmax; the backward owns a key tile for dK/dV
+// (walking the query tiles of every query head of its GQA group) and a query tile for dQ. Tile walks,
+// visibility, pooling and softmax bookkeeping are the shared functions of common/attn_rules.h.
+// Accumulation is float32 (float64 for float64 inputs).
+#include "attn_cpu.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../common/attn_rules.h"
+#include "../common/check.h"
+
+namespace effattn {
+namespace {
+
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float to_acc(float x) { return x; }
+inline double to_acc(double x) { return x; }
+inline float to_acc(Half x) { return fp16_bits_to_float(x.bits); }
+inline float to_acc(BFloat16 x) { return bf16_bits_to_float(x.bits); }
+
+inline void store(float* d, float x) { *d = x; }
+inline void store(double* d, double x) { *d = x; }
+inline void store(Half* d, float x) { d->bits = float_to_fp16_bits(x); }
+inline void store(BFloat16* d, float x) { d->bits = float_to_bf16_bits(x); }
+
+template <class T>
+const T* cptr(int64_t a) {
+  return reinterpret_cast<const T*>(a);
+}
+template <class T>
+T* mptr(int64_t a) {
+  return reinterpret_cast<T*>(a);
+}
+
+template <class T, class A>
+struct Attention {
+  const AttnParams& p;
+  int group;
+
+  explicit Attention(const AttnParams& params) : p(params), group(params.Hq / params.Hkv) {}
+
+  int tile_m() const { return p.sparse ? std::min(p.tile_m, p.block_q) : p.tile_m; }
+  int tile_n() const { return p.sparse ? std::min(p.tile_n, p.block_kv) : p.tile_n; }
+
+  // Rows [m0, m0 + rows) of head h of q into buf (rows x Dqk), pooled on load with pooling.
+  void load_q(int b, int h, int64_t m0, int rows, std::vector<A>& buf) const {
+    const T* q = cptr<T>(p.q) + b * p.sq.b + h * p.sq.h;
+    for (int r = 0; r < rows; ++r) {
+      A* dst = &buf[static_cast<size_t>(r) * p.Dqk];
+      const int64_t row = m0 + r;
+      if (p.pool_stride == 1 && !p.pool_cls) {
+        for (int d = 0; d < p.Dqk; ++d) dst[d] = to_acc(q[row * p.sq.t + d * p.sq.d]);
+        continue;
+      }
+      const bool is_max = p.pool_mode == kPoolMax;
+      for (int d = 0; d < p.Dqk; ++d) dst[d] = is_max ? neg_inf<A>() : A(0);
+      int count = 0;
+      for (int j = 0; j < p.pool_stride; ++j) {
+        int64_t src;
+        if (!pool_source(p, row, j, &src)) continue;
+        ++count;
+        for (int d = 0; d < p.Dqk; ++d) {
+          const A x = to_acc(q[src * p.sq.t + d * p.sq.d]);
+          dst[d] = is_max ? std::max(dst[d], x) : dst[d] + x;
+        }
+      }
+      if (!is_max)
+        for (int d = 0; d < p.Dqk; ++d) dst[d] /= A(std::max(count, 1));
+    }
+  }
+
+  // Rows [r0, r0 + rows) of a (B, H, T, D) tensor at head h into buf (rows x D).
+  static void load_rows(const T* base, const Strides4& s, int b, int h, int64_t r0, int rows, int D,
+                        std::vector<A>& buf) {
+    const T* x = base + b * s.b + h * s.h;
+    for (int r = 0; r < rows; ++r)
+      for (int d = 0; d < D; ++d) buf[static_cast<size_t>(r) * D + d] = to_acc(x[(r0 + r) * s.t + d * s.d]);
+  }
+
+  static A dot(const A* a, const A* b, int D) {
+    A s = 0;
+    for (int d = 0; d < D; ++d) s += a[d] * b[d];
+    return s;
+  }
+
+  // Masked score of (row, col): scale * q.k + bias, or -inf when not visible.
+  A score(int b, int h, int64_t row, int64_t col, bool partial, const A* qr, const A* kc) const {
+    if (!element_visible(p, b, h, row, col, partial)) return neg_inf<A>();
+    return dot(qr, kc, p.Dqk) * static_cast<A>(p.scale) + static_cast<A>(mask_bias(p, b, h, row, col));
+  }
+
+  void forward() const {
+    const int BM = tile_m(), BN = tile_n();
+    std::vector<A> qt(static_cast<size_t>(BM) * p.Dqk), kt(static_cast<size_t>(BN) * p.Dqk),
+        vt(static_cast<size_t>(BN) * p.Dv), s(BN), acc(static_cast<size_t>(BM) * p.Dv), m(BM), l(BM);
+    T* out = mptr<T>(p.o);
+    A* lse = mptr<A>(p.lse);
+    for (int b = 0; b < p.B; ++b)
+      for (int h = 0; h < p.Hq; ++h) {
+        const int kvh = h / group;
+        for (int64_t m0 = 0; m0 < p.Tq; m0 += BM) {
+          const int rows = static_cast<int>(std::min<int64_t>(BM, p.Tq - m0));
+          load_q(b, h, m0, rows, qt);
+          std::fill(m.begin(), m.end(), neg_inf<A>());
+          std::fill(l.begin(), l.end(), A(0));
+          std::fill(acc.begin(), acc.end(), A(0));
+          const TileWalk w = kv_walk(p, b, h, m0, m0 + rows, BN);
+          for (int64_t i = 0; i < w.count; ++i) {
+            bool partial;
+            const int64_t n0 = walk_start(w, i, &partial);
+            if (n0 >= p.Tk) continue;
+            const int cols = static_cast<int>(std::min<int64_t>(BN, p.Tk - n0));
+            load_rows(cptr<T>(p.k), p.sk, b, kvh, n0, cols, p.Dqk, kt);
+            load_rows(cptr<T>(p.v), p.sv, b, kvh, n0, cols, p.Dv, vt);
+            for (int r = 0; r < rows; ++r) {
+              // -- scores of the row, then the online softmax update --
+              A mx = m[r];
+              for (int c = 0; c < cols; ++c) {
+                s[c] = score(b, h, m0 + r, n0 + c, partial, &qt[static_cast<size_t>(r) * p.Dqk],
+                             &kt[static_cast<size_t>(c) * p.Dqk]);
+                mx = std::max(mx, s[c]);
+              }
+              const A shift = softmax_shift(mx);
+              const A alpha = std::exp(m[r] - shift);
+              A* ar = &acc[static_cast<size_t>(r) * p.Dv];
+              for (int d = 0; d < p.Dv; ++d) ar[d] *= alpha;
+              A sum = 0;
+              for (int c = 0; c < cols; ++c) {
+                const A pr = std::exp(s[c] - shift);
+                sum += pr;
+                if (pr != A(0))
+                  for (int d = 0; d < p.Dv; ++d) ar[d] += pr * vt[static_cast<size_t>(c) * p.Dv + d];
+              }
+              l[r] = l[r] * alpha + sum;
+              m[r] = mx;
+            }
+          }
+          // -- epilogue: normalise; an empty row gives out = 0, lse = -inf --
+          T* o = out + b * p.so.b + h * p.so.h;
+          for (int r = 0; r < rows; ++r) {
+            const A f = row_scale(l[r]);
+            for (int d = 0; d < p.Dv; ++d) store(&o[(m0 + r) * p.so.t + d * p.so.d], acc[static_cast<size_t>(r) * p.Dv + d] * f);
+            lse[(static_cast<int64_t>(b) * p.Hq + h) * p.Tq + m0 + r] = row_lse(m[r], l[r], false);
+          }
+        }
+      }
+  }
+
+  void preprocess() const {
+    A* delta = mptr<A>(p.delta);
+    const A* dlse = p.dlse ? cptr<A>(p.dlse) : nullptr;
+    const T* o = cptr<T>(p.o);
+    const T* dout = cptr<T>(p.dout);
+    for (int b = 0; b < p.B; ++b)
+      for (int h = 0; h < p.Hq; ++h)
+        for (int64_t i = 0; i < p.Tq; ++i) {
+          A s = 0;
+          for (int d = 0; d < p.Dv; ++d)
+            s += to_acc(o[b * p.so.b + h * p.so.h + i * p.so.t + d * p.so.d]) *
+                 to_acc(dout[b * p.sdo.b + h * p.sdo.h + i * p.sdo.t + d * p.sdo.d]);
+          const int64_t at = (static_cast<int64_t>(b) * p.Hq + h) * p.Tq + i;
+          delta[at] = s - (dlse ? dlse[at] : A(0));
+        }
+  }
+
+  // dK, dV: one key tile at a time, over the query tiles of every head of its GQA group.
+  void backward_dkdv() const {
+    const int BM = tile_m(), BN = tile_n();
+    std::vector<A> kt(static_cast<size_t>(BN) * p.Dqk), vt(static_cast<size_t>(BN) * p.Dv),
+        qt(static_cast<size_t>(BM) * p.Dqk), dot_(static_cast<size_t>(BM) * p.Dv),
+        dk(static_cast<size_t>(BN) * p.Dqk), dv(static_cast<size_t>(BN) * p.Dv);
+    const A* lse = cptr<A>(p.lse);
+    const A* delta = cptr<A>(p.delta);
+    for (int b = 0; b < p.B; ++b)
+      for (int kvh = 0; kvh < p.Hkv; ++kvh)
+        for (int64_t n0 = 0; n0 < p.Tk; n0 += BN) {
+          const int cols = static_cast<int>(std::min<int64_t>(BN, p.Tk - n0));
+          load_rows(cptr<T>(p.k), p.sk, b, kvh, n0, cols, p.Dqk, kt);
+          load_rows(cptr<T>(p.v), p.sv, b, kvh, n0, cols, p.Dv, vt);
+          std::fill(dk.begin(), dk.end(), A(0));
+          std::fill(dv.begin(), dv.end(), A(0));
+          for (int g = 0; g < group; ++g) {
+            const int h = kvh * group + g;
+            const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
+            const TileWalk w = q_walk(p, b, h, n0, n0 + cols, BM);
+            for (int64_t i = 0; i < w.count; ++i) {
+              bool partial;
+              const int64_t m0 = walk_start(w, i, &partial);
+              if (m0 >= p.Tq) continue;
+              const int rows = static_cast<int>(std::min<int64_t>(BM, p.Tq - m0));
+              load_q(b, h, m0, rows, qt);
+              load_rows(cptr<T>(p.dout), p.sdo, b, h, m0, rows, p.Dv, dot_);
+              for (int r = 0; r < rows; ++r) {
+                const A shift = lse_shift(lse[row_base + m0 + r]);
+                const A dl = delta[row_base + m0 + r];
+                const A* qr = &qt[static_cast<size_t>(r) * p.Dqk];
+                const A* dor = &dot_[static_cast<size_t>(r) * p.Dv];
+                for (int c = 0; c < cols; ++c) {
+                  const A sc = score(b, h, m0 + r, n0 + c, partial, qr, &kt[static_cast<size_t>(c) * p.Dqk]);
+                  const A pr = std::exp(sc - shift);
+                  if (pr == A(0)) continue;
+                  // -- dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dK += dS^T Q --
+                  const A dp = dot(dor, &vt[static_cast<size_t>(c) * p.Dv], p.Dv);
+                  const A ds = pr * (dp - dl);
+                  for (int d = 0; d < p.Dv; ++d) dv[static_cast<size_t>(c) * p.Dv + d] += pr * dor[d];
+                  for (int d = 0; d < p.Dqk; ++d) dk[static_cast<size_t>(c) * p.Dqk + d] += ds * qr[d];
+                }
+              }
+            }
+          }
+          T* dkp = mptr<T>(p.dk) + b * p.sdk.b + kvh * p.sdk.h;
+          T* dvp = mptr<T>(p.dv) + b * p.sdv.b + kvh * p.sdv.h;
+          const A scale = static_cast<A>(p.scale);
+          for (int c = 0; c < cols; ++c) {
+            for (int d = 0; d < p.Dqk; ++d)
+              store(&dkp[(n0 + c) * p.sdk.t + d * p.sdk.d], dk[static_cast<size_t>(c) * p.Dqk + d] * scale);
+            for (int d = 0; d < p.Dv; ++d) store(&dvp[(n0 + c) * p.sdv.t + d * p.sdv.d], dv[static_cast<size_t>(c) * p.Dv + d]);
+          }
+        }
+  }
+
+  // dQ: one query tile at a time, over the key tiles it sees; pooled rows are carried back to the
+  // unpooled rows of their windows (mean: shared evenly; max: to the first arg-max element).
+  void backward_dq() const {
+    const int BM = tile_m(), BN = tile_n();
+    std::vector<A> qt(static_cast<size_t>(BM) * p.Dqk), dot_(static_cast<size_t>(BM) * p.Dv),
+        kt(static_cast<size_t>(BN) * p.Dqk), vt(static_cast<size_t>(BN) * p.Dv), dq(static_cast<size_t>(BM) * p.Dqk);
+    const A* lse = cptr<A>(p.lse);
+    const A* delta = cptr<A>(p.delta);
+    const A scale = static_cast<A>(p.scale);
+    for (int b = 0; b < p.B; ++b)
+      for (int h = 0; h < p.Hq; ++h) {
+        const int kvh = h / group;
+        const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
+        for (int64_t m0 = 0; m0 < p.Tq; m0 += BM) {
+          const int rows = static_cast<int>(std::min<int64_t>(BM, p.Tq - m0));
+          load_q(b, h, m0, rows, qt);
+          load_rows(cptr<T>(p.dout), p.sdo, b, h, m0, rows, p.Dv, dot_);
+          std::fill(dq.begin(), dq.end(), A(0));
+          const TileWalk w = kv_walk(p, b, h, m0, m0 + rows, BN);
+          for (int64_t i = 0; i < w.count; ++i) {
+            bool partial;
+            const int64_t n0 = walk_start(w, i, &partial);
+            if (n0 >= p.Tk) continue;
+            const int cols = static_cast<int>(std::min<int64_t>(BN, p.Tk - n0));
+            load_rows(cptr<T>(p.k), p.sk, b, kvh, n0, cols, p.Dqk, kt);
+            load_rows(cptr<T>(p.v), p.sv, b, kvh, n0, cols, p.Dv, vt);
+            for (int r = 0; r < rows; ++r) {
+              const A shift = lse_shift(lse[row_base + m0 + r]);
+              const A dl = delta[row_base + m0 + r];
+              const A* qr = &qt[static_cast<size_t>(r) * p.Dqk];
+              for (int c = 0; c < cols; ++c) {
+                const A* kc = &kt[static_cast<size_t>(c) * p.Dqk];
+                const A pr = std::exp(score(b, h, m0 + r, n0 + c, partial, qr, kc) - shift);
+                if (pr == A(0)) continue;
+                const A dp = dot(&dot_[static_cast<size_t>(r) * p.Dv], &vt[static_cast<size_t>(c) * p.Dv], p.Dv);
+                const A ds = pr * (dp - dl);
+                for (int d = 0; d < p.Dqk; ++d) dq[static_cast<size_t>(r) * p.Dqk + d] += ds * kc[d];
+              }
+            }
+          }
+          store_dq(b, h, m0, rows, dq, scale);
+        }
+      }
+  }
+
+  void store_dq(int b, int h, int64_t m0, int rows, const std::vector<A>& dq, A scale) const {
+    T* out = mptr<T>(p.dq) + b * p.sdq.b + h * p.sdq.h;
+    if (p.pool_stride == 1 && !p.pool_cls) {
+      for (int r = 0; r < rows; ++r)
+        for (int d = 0; d < p.Dqk; ++d)
+          store(&out[(m0 + r) * p.sdq.t + d * p.sdq.d], dq[static_cast<size_t>(r) * p.Dqk + d] * scale);
+      return;
+    }
+    const T* q = cptr<T>(p.q) + b * p.sq.b + h * p.sq.h;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = m0 + r;
+      for (int d = 0; d < p.Dqk; ++d) {
+        const A g = dq[static_cast<size_t>(r) * p.Dqk + d] * scale;
+        A best = neg_inf<A>();
+        if (p.pool_mode == kPoolMax)
+          for (int j = 0; j < p.pool_stride; ++j) {
+            int64_t src;
+            if (pool_source(p, row, j, &src)) best = std::max(best, to_acc(q[src * p.sq.t + d * p.sq.d]));
+          }
+        bool taken = false;
+        for (int j = 0; j < p.pool_stride; ++j) {
+          int64_t src;
+          if (!pool_source(p, row, j, &src)) continue;
+          A val;
+          if (p.pool_mode == kPoolMax) {
+            const bool arg = !taken && to_acc(q[src * p.sq.t + d * p.sq.d]) == best;
+            taken = taken || arg;
+            val = arg ? g : A(0);
+          } else {
+            val = g * static_cast<A>(pool_mean_share(p, row, j));
+          }
+          if (pool_writes(p, row, j)) store(&out[src * p.sdq.t + d * p.sdq.d], val);
+        }
+      }
+    }
+  }
+};
+
+}  // namespace
+
+void cpu_forward(const AttnParams& p) {
+  check_forward(p);
+  require(p.tile_m >= 1 && p.tile_n >= 1, "tile sizes must be >= 1");
+  switch (p.dtype) {
+    case kFloat32: Attention<float, float>(p).forward(); break;
+    case kFloat64: Attention<double, double>(p).forward(); break;
+    case kFloat16: Attention<Half, float>(p).forward(); break;
+    case kBFloat16: Attention<BFloat16, float>(p).forward(); break;
+    default: require(false, "unsupported dtype");
+  }
+}
+
+void cpu_backward(const AttnParams& p) {
+  check_backward(p);
+  require(p.tile_m >= 1 && p.tile_n >= 1, "tile sizes must be >= 1");
+  auto run = [](const auto& a) {
+    a.preprocess();
+    a.backward_dkdv();
+    a.backward_dq();
+  };
+  switch (p.dtype) {
+    case kFloat32: run(Attention<float, float>(p)); break;
+    case kFloat64: run(Attention<double, double>(p)); break;
+    case kFloat16: run(Attention<Half, float>(p)); break;
+    case kBFloat16: run(Attention<BFloat16, float>(p)); break;
+    default: require(false, "unsupported dtype");
+  }
+}
+
+}  // namespace effattn

@@ -1,0 +1,314 @@
+"""Launchers of the compiled extension (``csrc/``): the CUDA kernels and the C++ CPU implementation.
+
+Both take the same arguments, an ``AttnParams`` of raw addresses, element strides, sizes and the
+CUDA stream, filled here from tensors; the extension never sees a tensor and does not link against
+libtorch. Everything is checked before a launch (device, dtype, shapes, broadcastable mask, block
+lists): a raw-pointer launcher must never read outside its tensors. Outputs come from :data:`_alloc`
+(tests swap in a NaN-filling allocator).
+
+Semantics are those of :mod:`effattn.reference` (same arguments as the Triton launchers of
+``effattn.kernels.flash_attn`` / ``block_sparse_attn``): ``lse`` is the natural-log log-sum-exp,
+``-inf`` (and output 0) for a row with no visible key; query pooling follows :class:`QueryPool`.
+Dropout is not implemented in the extension: the backends decline it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effattn import _ext
+from effattn.reference import QueryPool, compute_dtype
+
+# Every output buffer comes from here (tests swap in a NaN-filling allocator).
+_alloc = torch.empty
+
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/launch.cu: kMaxHeadDim (64 and 128 tiles; smaller dims are padded)
+CUDA_MIN_SPARSE_BLOCK = 64  # csrc/cuda/launch.cu: kMinSparseBlock
+MAX_GRID_YZ = 65535
+MAX_LEN = 2**31 - 1
+# Tiles of the C++ CPU implementation (query rows, keys); capped by the block size of a BlockMask.
+CPU_TILE = (32, 32)
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.bool: 4}
+_MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
+_POOL_MODES = {"mean": 0, "max": 1}
+
+
+def _fail(msg: str):
+    raise ValueError(f"effattn extension launcher: {msg}")
+
+
+def _device_kind(q: torch.Tensor) -> str:
+    if q.device.type not in ("cpu", "cuda"):
+        _fail(f"tensors must be on cpu or cuda, got {q.device}")
+    return q.device.type
+
+
+def _check_tensor(name: str, x, *, device, dtype=None, shape=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"effattn extension launcher: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided or x.is_nested:
+        _fail(f"{name} must be a dense strided tensor")
+    if x.device != device:
+        _fail(f"{name} is on {x.device}, expected {device}")
+    if dtype is not None and x.dtype != dtype:
+        _fail(f"{name} has dtype {x.dtype}, expected {dtype}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        _fail(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+
+
+def _check_qkv(q, k, v, kind: str):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, device=q.device, dtype=q.dtype)
+        if x.dim() != 4:
+            _fail(f"{name} must be 4-D (B, H, T, D), got shape {tuple(x.shape)}")
+    allowed = CUDA_DTYPES if kind == "cuda" else CPU_DTYPES
+    if q.dtype not in allowed:
+        _fail(f"dtype {q.dtype} is not supported on {kind} (supported: {', '.join(map(str, allowed))})")
+    B, Hq, _, Dqk = q.shape
+    _, Hkv, Tk, Dk = k.shape
+    if k.shape[0] != B or tuple(v.shape[:3]) != (B, Hkv, Tk) or Dk != Dqk or Hkv < 1 or Hq % Hkv:
+        _fail(f"inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Dqk < 1 or v.shape[3] < 1:
+        _fail("head dims must be >= 1")
+    if kind == "cuda" and max(Dqk, v.shape[3]) > CUDA_MAX_HEAD_DIM:
+        _fail(f"the CUDA kernels support head dims up to {CUDA_MAX_HEAD_DIM}, got q/k {Dqk}, v {v.shape[3]}")
+    if max(q.shape[2], Tk) > MAX_LEN:
+        _fail(f"sequence lengths must be below 2**31, got {q.shape[2]} and {Tk}")
+    if kind == "cuda" and max(B, Hq) > MAX_GRID_YZ:
+        _fail(f"batch ({B}) and heads ({Hq}) must each be <= {MAX_GRID_YZ} (CUDA launch grid)")
+
+
+def _strides(ext, x: torch.Tensor):
+    return ext.Strides4(*x.stride())
+
+
+def _params(ext, q, k, v, *, scale, kind):
+    p = ext.AttnParams()
+    B, Hq, T, Dqk = q.shape
+    p.q, p.k, p.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    p.sq, p.sk, p.sv = _strides(ext, q), _strides(ext, k), _strides(ext, v)
+    p.B, p.Hq, p.Hkv, p.Tq, p.Tk, p.T_in, p.T_src = B, Hq, k.shape[1], T, k.shape[2], T, T
+    p.Dqk, p.Dv = Dqk, v.shape[3]
+    p.dtype = _DTYPE_CODES[q.dtype]
+    p.scale = float(scale)
+    if kind == "cuda":
+        p.device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        p.stream = torch.cuda.current_stream(q.device).cuda_stream
+    else:
+        p.tile_m, p.tile_n = CPU_TILE
+    return p
+
+
+def _set_pool(p, pool: QueryPool | None, T: int) -> None:
+    if pool is None:
+        return
+    if pool.separate_cls and pool.stride == 1:
+        _fail("separate_cls with stride 1 is not supported (the [cls] row would be pooled twice)")
+    p.pool_stride, p.pool_mode, p.pool_cls = pool.stride, _POOL_MODES[pool.mode], int(pool.separate_cls)
+    p.Tq, p.T_src = pool.pooled_len(T), pool.source_len(T)
+
+
+def _set_mask(ext, p, mask, q, keep: list) -> None:
+    """A bool / float mask broadcastable to (B, Hq, Tq, Tk), read through its (broadcast) strides."""
+    if mask is None:
+        return
+    _check_tensor("mask", mask, device=q.device)
+    if mask.dtype != torch.bool and mask.dtype not in _DTYPE_CODES:
+        _fail(f"mask must be bool or float16/bfloat16/float32/float64, got {mask.dtype}")
+    try:
+        m = mask.expand(p.B, p.Hq, p.Tq, p.Tk)
+    except RuntimeError:
+        _fail(f"mask of shape {tuple(mask.shape)} does not broadcast to {(p.B, p.Hq, p.Tq, p.Tk)}")
+    keep.append(m)
+    p.mask = m.data_ptr()
+    p.smask = _strides(ext, m)
+    p.mask_kind = _MASK_BOOL if m.dtype == torch.bool else _MASK_ADD
+    p.mask_dtype = _DTYPE_CODES[m.dtype]
+
+
+def _run(ext, kind: str, direction: str, p) -> None:
+    fn = getattr(ext, f"{kind if kind == 'cuda' else 'cpu'}_{direction}")
+    fn(p)
+
+
+def _kwargs_ok(dropout_p: float) -> None:
+    if dropout_p:
+        _fail("dropout is not implemented in the extension's kernels (use backend='triton' or 'reference')")
+
+
+# ----------------------------------------------------------------------------------------------
+# dense and pooled attention
+# ----------------------------------------------------------------------------------------------
+def attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, scale: float,
+                 window_left: int = -1, window_right: int = -1, diag_offset: int = 0, dropout_p: float = 0.0,
+                 seed: int = 0, pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on the tensors' device (CUDA kernels or the C++ CPU implementation).
+
+    q ``(B, Hq, T, Dqk)``, k ``(B, Hkv, Tk, Dqk)``, v ``(B, Hkv, Tk, Dv)``, any strides; mask None or
+    bool/float broadcastable to ``(B, Hq, Tq, Tk)``; with ``pool`` the queries are pooled on load and
+    ``Tq = pool.pooled_len(T)``. Returns ``out (B, Hq, Tq, Dv)`` (q's dtype) and ``lse (B, Hq, Tq)``
+    (float32, float64 for float64 inputs).
+    """
+    del seed
+    kind = _device_kind(q)
+    _check_qkv(q, k, v, kind)
+    _kwargs_ok(dropout_p)
+    ext = _ext.load()
+    p = _params(ext, q, k, v, scale=scale, kind=kind)
+    _set_pool(p, pool, q.shape[2])
+    p.window_left, p.window_right, p.diag_offset = int(window_left), int(window_right), int(diag_offset)
+    keep: list[torch.Tensor] = []
+    _set_mask(ext, p, mask, q, keep)
+    out = _alloc(p.B, p.Hq, p.Tq, p.Dv, dtype=q.dtype, device=q.device)
+    lse = _alloc(p.B, p.Hq, p.Tq, dtype=compute_dtype(q.dtype), device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    p.o, p.so, p.lse = out.data_ptr(), _strides(ext, out), lse.data_ptr()
+    _run(ext, kind, "forward", p)
+    return out, lse
+
+
+def attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, mask: torch.Tensor | None, dlse: torch.Tensor | None = None, *, scale: float,
+                  window_left: int = -1, window_right: int = -1, diag_offset: int = 0, dropout_p: float = 0.0,
+                  seed: int = 0, pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``dq, dk, dv`` (like q, k, v) of :func:`attn_forward`, given ``dout (B, Hq, Tq, Dv)``, the
+    forward's ``out`` and ``lse`` and optionally ``dlse (B, Hq, Tq)``. With ``pool``, dq is the gradient of
+    the unpooled q (rows that feed no pooled row get 0)."""
+    del seed
+    kind = _device_kind(q)
+    _check_qkv(q, k, v, kind)
+    _kwargs_ok(dropout_p)
+    ext = _ext.load()
+    p = _params(ext, q, k, v, scale=scale, kind=kind)
+    _set_pool(p, pool, q.shape[2])
+    p.window_left, p.window_right, p.diag_offset = int(window_left), int(window_right), int(diag_offset)
+    keep: list[torch.Tensor] = []
+    _set_mask(ext, p, mask, q, keep)
+    return _backward(ext, kind, p, dout, q, k, v, out, lse, dlse, pool, keep)
+
+
+def _backward(ext, kind, p, dout, q, k, v, out, lse, dlse, pool, keep):
+    cdt = compute_dtype(q.dtype)
+    rows = (p.B, p.Hq, p.Tq)
+    _check_tensor("dout", dout, device=q.device, dtype=q.dtype, shape=(*rows, p.Dv))
+    _check_tensor("out", out, device=q.device, dtype=q.dtype, shape=(*rows, p.Dv))
+    _check_tensor("lse", lse, device=q.device, shape=rows)
+    if dlse is not None:
+        _check_tensor("dlse", dlse, device=q.device, shape=rows)
+    dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = _alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
+    if p.Tq == 0 or p.Tk == 0 or p.B * p.Hq == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if pool is not None:
+        dq[:, :, pool.covered_rows(q.shape[2]):].zero_()
+    lse = lse.to(cdt).contiguous()
+    dlse = dlse.to(cdt).contiguous() if dlse is not None else None
+    delta = _alloc(*rows, dtype=cdt, device=q.device)
+    keep += [lse, dlse, delta]
+    p.o, p.so, p.lse = out.data_ptr(), _strides(ext, out), lse.data_ptr()
+    p.dout, p.sdo = dout.data_ptr(), _strides(ext, dout)
+    p.dlse = dlse.data_ptr() if dlse is not None else 0
+    p.delta = delta.data_ptr()
+    p.dq, p.dk, p.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+    p.sdq, p.sdk, p.sdv = _strides(ext, dq), _strides(ext, dk), _strides(ext, dv)
+    _run(ext, kind, "backward", p)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# block-sparse attention
+# ----------------------------------------------------------------------------------------------
+def _block_list(ext, num: torch.Tensor, idx: torch.Tensor, B: int, H: int, n_blocks: int, n_other: int,
+                name: str, device, keep: list):
+    _check_tensor(f"{name} counts", num, device=device, dtype=torch.int32)
+    _check_tensor(f"{name} indices", idx, device=device, dtype=torch.int32)
+    if num.dim() != 3 or idx.dim() != 4 or num.shape[-1] != n_blocks or idx.shape[-2] != n_blocks:
+        _fail(f"{name}: block lists of shapes {tuple(num.shape)}, {tuple(idx.shape)} do not fit {n_blocks} blocks")
+    try:
+        num = num.expand(B, H, n_blocks)
+        idx = idx.expand(B, H, n_blocks, idx.shape[-1])
+    except RuntimeError:
+        _fail(f"{name}: block lists of (B, H) = {tuple(num.shape[:2])} do not broadcast to {(B, H)}")
+    if device.type == "cpu" and num.numel():  # values (a GPU check would synchronise: BlockMask.check does it)
+        if int(num.min()) < 0 or int(num.max()) > idx.shape[-1]:
+            _fail(f"{name}: block counts out of range [0, {idx.shape[-1]}]")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_other):
+            used = torch.arange(idx.shape[-1], device=device) < num[..., None]
+            vals = idx[used]
+            if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= n_other):
+                _fail(f"{name}: block indices out of range [0, {n_other})")
+    keep += [num, idx]
+    lst = ext.BlockList()
+    lst.num, lst.idx = num.data_ptr(), idx.data_ptr()
+    lst.num_sb, lst.num_sh, lst.num_sm = num.stride()
+    lst.idx_sb, lst.idx_sh, lst.idx_sm, lst.idx_sn = idx.stride()
+    return lst
+
+
+def _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward: bool):
+    kind = _device_kind(q)
+    _check_qkv(q, k, v, kind)
+    ext = _ext.load()
+    bm = block_mask
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    if (bm.q_len, bm.kv_len) != (Tq, Tk):
+        _fail(f"block_mask was built for {(bm.q_len, bm.kv_len)}, q and k have {(Tq, Tk)}")
+    BQ, BKV = bm.block_size
+    if kind == "cuda" and min(BQ, BKV) < CUDA_MIN_SPARSE_BLOCK:
+        from effattn.backends import UnsupportedInputError
+        raise UnsupportedInputError(f"backend='cuda' cannot run this input: the CUDA block-sparse kernels need block "
+                                    f"sizes >= {CUDA_MIN_SPARSE_BLOCK}, the mask has {BQ} x {BKV}")
+    p = _params(ext, q, k, v, scale=scale, kind=kind)
+    p.sparse, p.block_q, p.block_kv = 1, BQ, BKV
+    nqb, nkb = -(-Tq // BQ), -(-Tk // BKV)
+    keep: list[torch.Tensor] = []
+    p.kv_partial = _block_list(ext, bm.kv_num_blocks, bm.kv_indices, B, Hq, nqb, nkb, "kv", q.device, keep)
+    p.kv_full = _block_list(ext, bm.full_kv_num_blocks, bm.full_kv_indices, B, Hq, nqb, nkb, "full kv", q.device,
+                            keep)
+    if backward:
+        p.q_partial = _block_list(ext, bm.q_num_blocks, bm.q_indices, B, Hq, nkb, nqb, "q", q.device, keep)
+        p.q_full = _block_list(ext, bm.full_q_num_blocks, bm.full_q_indices, B, Hq, nkb, nqb, "full q", q.device,
+                               keep)
+    rule = bm.rule
+    if rule is not None:
+        p.rule_window_left, p.rule_window_right = rule.window_left, rule.window_right
+        p.rule_diag_offset, p.rule_n_global = rule.diag_offset, rule.n_global
+        if rule.q_segments is not None:
+            qs = rule.q_segments.to(q.device, torch.int32)
+            ks = rule.kv_segments.to(q.device, torch.int32)
+            if qs.shape[-1] != Tq or ks.shape[-1] != Tk or qs.shape[0] not in (1, B) or ks.shape[0] not in (1, B):
+                _fail(f"segment ids {tuple(qs.shape)}, {tuple(ks.shape)} do not fit (B, Tq), (B, Tk)")
+            qs, ks = qs.expand(B, Tq), ks.expand(B, Tk)
+            keep += [qs, ks]
+            p.q_seg, p.kv_seg = qs.data_ptr(), ks.data_ptr()
+            p.q_seg_sb, p.q_seg_st = qs.stride()
+            p.kv_seg_sb, p.kv_seg_st = ks.stride()
+    if key_padding_mask is not None:
+        _check_tensor("key_padding_mask", key_padding_mask, device=q.device, dtype=torch.bool, shape=(B, Tk))
+        _set_mask(ext, p, key_padding_mask[:, None, None, :], q, keep)
+    return ext, kind, p, keep
+
+
+def sparse_forward(q, k, v, block_mask, key_padding_mask=None, *, scale: float):
+    """Block-sparse forward over a validated :class:`effattn.BlockMask` for ``(Tq, Tk)``; key_padding_mask
+    None or bool ``(B, Tk)``. Returns ``out (B, Hq, Tq, Dv)``, ``lse (B, Hq, Tq)``."""
+    ext, kind, p, keep = _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward=False)
+    out = _alloc(p.B, p.Hq, p.Tq, p.Dv, dtype=q.dtype, device=q.device)
+    lse = _alloc(p.B, p.Hq, p.Tq, dtype=compute_dtype(q.dtype), device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    p.o, p.so, p.lse = out.data_ptr(), _strides(ext, out), lse.data_ptr()
+    _run(ext, kind, "forward", p)
+    return out, lse
+
+
+def sparse_backward(dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask=None, *, scale: float):
+    """Gradients ``dq, dk, dv`` of :func:`sparse_forward` (``dlse``: gradient of lse, or None)."""
+    ext, kind, p, keep = _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward=True)
+    return _backward(ext, kind, p, dout, q, k, v, out, lse, dlse, None, keep)
