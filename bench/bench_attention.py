@@ -1,12 +1,15 @@
-"""Command line of the attention benchmark: ``python -m bench [--preset NAME] [sweep options]``.
+"""Command line of the benchmark harness: ``python -m bench`` or ``effattn-bench`` ``[--preset NAME] [options]``.
 
 A preset fixes every axis of the sweep; an axis given on the command line replaces the preset's.
 Examples::
 
-    python -m bench                                   # quick preset, CUDA if present
+    python -m bench                                   # quick preset (every op), CUDA if present
     python -m bench --preset h100 --device cuda --out bench/results
-    python -m bench --batch 2 --heads 8 --seqlen 512 1024 --headdim 64 128 --dtype fp16 bf16 \\
-        --causal both --mode fwd fwd+bwd --providers naive sdpa effattn
+    python -m bench --op attention --batch 2 --heads 8 --seqlen 512 1024 --headdim 64 128 \\
+        --dtype fp16 bf16 --causal both --mode fwd fwd+bwd --providers naive sdpa effattn
+    python -m bench --op pooled --stride 2 4 --seqlen 4096
+    python -m bench --op sparse --pattern random documents --sparsity 0.5 0.9 0.97 --block 64
+    python -m bench --op funnel predict --seqlen 1024
 
 Exit status: 0, or 1 when some provider's output was wrong (the files are written all the same),
 2 for bad arguments, 130 when interrupted.
@@ -24,11 +27,14 @@ from pathlib import Path
 
 import torch
 
+from bench import cases as bench_cases
 from bench import harness, metadata, report
 from bench.cases import CAUSAL_CHOICES, DEFAULT_PRESET, DEVICES, DTYPES, MODES, PRESETS, Sweep, expand
 from bench.providers import PROVIDERS
 from bench.runner import STATUS_WRONG, run_sweep
 
+# Block sizes of a BlockMask: powers of two from 16.
+MIN_BLOCK = 16
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 EXIT_WRONG = 1
 EXIT_INTERRUPTED = 130
@@ -54,11 +60,35 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _stem(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "-_" for c in text):
+        raise argparse.ArgumentTypeError(f"letters, digits, - and _ only, got {text!r}")
+    return text
+
+
+def _block(text: str) -> int:
+    value = _positive_int(text)
+    if value < MIN_BLOCK or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two >= {MIN_BLOCK}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Benchmark effattn's attention against naive attention, torch SDPA and FlexAttention. "
-                    "A preset fixes every axis of the sweep; an axis given here replaces the preset's.",
+        prog="python -m bench (effattn-bench)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmark effattn's ops (attention, pooled, sparse, Funnel layer, mask prediction) against "
+                    "naive attention, torch SDPA and FlexAttention. A preset fixes every axis of the sweep; an "
+                    "axis given here replaces the preset's.",
         epilog="Examples:" + __doc__.split("Examples::")[1])
     p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
                    help="named sweep: " + "; ".join(f"{n}: {s.description}" for n, s in PRESETS.items()))
@@ -67,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"implementations to compare (default: all): {', '.join(PROVIDERS)}; naming one runs it "
                         "even where it would decline by default (flex on CPU)")
     sizes = p.add_argument_group("sweep axes (each replaces the preset's)")
+    sizes.add_argument("--op", nargs="+", choices=bench_cases.OP_NAMES,
+                       help="ops: attention (flash), pooled (Funnel's pool-query-only), sparse (block-sparse), "
+                            "funnel (a Funnel relative-attention layer), predict (block-mask prediction)")
+    sizes.add_argument("--stride", nargs="+", type=_positive_int, metavar="S", help="pooled: pooling strides")
+    sizes.add_argument("--pattern", nargs="+", choices=bench_cases.PATTERNS, help="sparse: mask patterns")
+    sizes.add_argument("--sparsity", nargs="+", type=_fraction, metavar="S",
+                       help="share of blocks cut: sparse random masks, predict (kept per query block)")
+    sizes.add_argument("--block", type=_block, metavar="N", help="sparse, predict: block size (tokens)")
     batch = sizes.add_mutually_exclusive_group()
     batch.add_argument("--batch", nargs="+", type=_positive_int, metavar="B", help="batch sizes")
     batch.add_argument("--tokens", type=_positive_int, metavar="N", help="batch = max(1, N // T) (B*T held at N)")
@@ -85,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds after which the remaining rows are skipped (default: the preset's)")
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the JSON/CSV/markdown/PNG files")
+    run.add_argument("--stem", default=report.STEM, type=_stem,
+                     help=f"file names under --out: STEM.json, STEM.csv, ... (default {report.STEM})")
     run.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    run.add_argument("--no-ceilings", action="store_true",
+                     help="do not measure the device's matmul and copy ceilings (nor draw the roofline)")
     run.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     run.add_argument("--list", action="store_true", help="list presets and providers (and why not, here) and exit")
     return p
@@ -104,11 +146,14 @@ def resolve_sweep(args: argparse.Namespace) -> Sweep:
     if args.model_dim:
         changes.update(model_dim=args.model_dim)
     for axis, attr in (("gqa", "gqa"), ("seqlen", "seqlens"), ("headdim", "headdims"), ("dtype", "dtypes"),
-                       ("mode", "modes")):
+                       ("mode", "modes"), ("op", "ops"), ("stride", "strides"), ("pattern", "patterns"),
+                       ("sparsity", "sparsities")):
         if getattr(args, axis):
             changes[attr] = tuple(dict.fromkeys(getattr(args, axis)))
     if args.causal:
         changes["causal"] = CAUSAL_CHOICES[args.causal]
+    if args.block:
+        changes["block"] = args.block
     if args.time_budget:
         changes["time_budget_s"] = args.time_budget
     return dataclasses.replace(sweep, **changes)
@@ -124,13 +169,16 @@ def resolve_device(parser: argparse.ArgumentParser, name: str) -> str:
 
 def list_everything(device: str, sweep: Sweep) -> str:
     cases = expand(sweep, device)
-    lines = ["presets:"] + [f"  {n:<6} {s.description}" for n, s in PRESETS.items()]
-    lines += [f"providers on {device} (first case of preset {sweep.name}: {cases[0].label()}):"]
+    lines = ["presets:"] + [f"  {n:<8} {s.description}" for n, s in PRESETS.items()]
+    lines += [f"providers on {device} (reasons for the first case of each op of preset {sweep.name}):"]
     for name, provider in PROVIDERS.items():
-        why = provider.not_supported_reasons(cases[0])
         lines.append(f"  {name:<15} {provider.description}")
-        if why:
-            lines.append(f"  {'':<15} not run: {'; '.join(why)}")
+        lines.append(f"  {'':<15} ops: {', '.join(provider.ops)}")
+        for op in provider.ops:
+            first = next((c for c in cases if c.op == op), None)
+            why = [] if first is None else provider.not_supported_reasons(first)
+            if why:
+                lines.append(f"  {'':<15} not run ({first.label()}): {'; '.join(why)}")
     return "\n".join(lines)
 
 
@@ -148,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(list_everything(device, sweep))
         return 0
     providers = args.providers or list(PROVIDERS)
-    if device == "cpu" and sweep.name == "h100":
+    if device == "cpu" and sweep.name.startswith("h100"):
         print("note: the h100 preset is sized for a GPU; on CPU most of it will not fit its time budget",
               file=sys.stderr)
     print(f"preset {sweep.name}, device {device}: {len(cases)} cases x {len(providers)} providers"
@@ -164,11 +212,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "preset": sweep.name,
         "timing": harness.describe_timing(device, sweep.timing),
         "memory": harness.describe_memory(device),
-        "flops": "4*B*Hq*D*visible_pairs forward (causal: exact bottom-right pairs); bwd 2.5x, fwd+bwd 3.5x",
+        "flops": "4*B*Hq*D*pairs forward, the pairs the op must compute (causal: exact; pooled: Tp*T; sparse: "
+                 "kept blocks; funnel: projections + content attention); bwd 2.5x (linear layers 2x)",
+        "bytes": "inputs read and outputs written once (bench.ops)",
         "sweep_seconds": round(elapsed, 1),
     })
+    ceilings = None
+    if not args.no_ceilings:
+        from effattn.profile import measure_ceilings
+
+        ceilings = measure_ceilings(device, config=sweep.timing)
+        meta["ceilings"] = dataclasses.asdict(ceilings)
     print(report.format_table(rows))
-    paths, notes = report.write_all(args.out, rows, meta, plots=not args.no_plots)
+    paths, notes = report.write_all(args.out, rows, meta, plots=not args.no_plots, stem=args.stem,
+                                    ceilings=ceilings)
+    print("\nSummary:")
+    print(report.format_summary(rows))
     print("\nTFLOP/s by provider:")
     print(report.format_pivot(rows, "tflops"))
     for note in notes:

@@ -21,7 +21,6 @@ as ``wrong`` and not timed. Writes ``funnel.json`` and ``funnel.md`` to ``--out`
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -109,23 +108,10 @@ def run_pooled(cases, dtype, device, timing, rows, on_row=lambda: None):
 
 
 def _funnel_layers(d_model, n_head, d_head, attention_type, device, dtype):
-    from transformers import FunnelConfig
-    from transformers.models.funnel import modeling_funnel as mf
+    from bench.ops import funnel_layers
 
-    from effattn.integrations import funnel as ef
-
-    cfg = FunnelConfig(d_model=d_model, n_head=n_head, d_head=d_head, d_inner=4 * d_model, block_sizes=[1, 1, 1],
-                       attention_type=attention_type, hidden_dropout=0.0, attention_dropout=0.0)
-    layer = mf.FunnelRelMultiheadAttention(cfg, block_index=1)
-    torch.manual_seed(0)  # the same weights for both attention types: they compute the same function
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    layer = layer.to(device, dtype).eval()
-    fused = ef.patch(copy.deepcopy(layer))
-    structure = mf.FunnelAttentionStructure(cfg).eval()
-    fused_structure = copy.deepcopy(structure)
-    fused_structure.__class__ = ef._fused()["structure"]
-    return layer, structure, fused, fused_structure
+    # the same seeded weights for both attention types: they compute the same function
+    return funnel_layers(d_model, n_head, d_head, device, dtype, attention_type=attention_type)
 
 
 def run_funnel(cases, dtype, device, timing, rows, d_model, n_head, d_head, on_row=lambda: None):

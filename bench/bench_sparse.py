@@ -66,7 +66,6 @@ DENSE = "effattn-dense"
 SEED = 0
 BWD_FACTOR = 3.5  # forward+backward FLOPs / forward FLOPs
 N_DOCUMENTS = 8  # packed documents per sequence, for from_segments
-PLOT_PANEL_INCHES = (4.2, 3.2)
 
 
 class Skipped(Exception):
@@ -409,12 +408,11 @@ def write_plot(path: Path, rows) -> str | None:
         panels.setdefault((r["mode"], r["B"], r["H"], r["T"], r["D"]), []).append(r)
     if not panels:
         return "no successful density rows: plot skipped"
+    from bench.report import panel_grid, save_grid, style_axis
+
     providers = list(dict.fromkeys(r["provider"] for r in ok))
     colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
-    ncols = min(4, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
-                             figsize=(PLOT_PANEL_INCHES[0] * ncols, PLOT_PANEL_INCHES[1] * nrows + 0.6))
+    fig, axes = panel_grid(len(panels))
     for ax, ((mode, B, H, T, D), group) in zip(axes.flat, sorted(panels.items())):
         for p in providers:
             mine = [r for r in group if r["provider"] == p]
@@ -432,20 +430,11 @@ def write_plot(path: Path, rows) -> str | None:
                                 textcoords="offset points")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{mode} B={B} H={H} T={T} D={D}", fontsize=8)
-        ax.set_xlabel("kept-block fraction", fontsize=8)
-        ax.set_ylabel("ms", fontsize=8)
-        ax.tick_params(which="both", labelsize=7)
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+        style_axis(ax, f"{mode} B={B} H={H} T={T} D={D}", "kept-block fraction", "ms")
     handles = [plt.Line2D([], [], color=colors[p], marker="" if p == DENSE else "o",
                           linestyle="--" if p == DENSE else "-", label=p) for p in providers]
     handles.append(plt.Line2D([], [], color="gray", marker="s", fillstyle="none", linestyle="", label="structured"))
-    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_size_inches()[1]))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_grid(fig, axes, len(panels), handles, path)
     return None
 
 

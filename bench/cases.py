@@ -1,8 +1,20 @@
 """Benchmark cases, the named presets and the sweep that expands a preset into cases.
 
-A case is one attention problem ``q (B, Hq, Tq, D)``, ``k, v (B, Hkv, Tk, D)`` in one dtype, dense or
-causal (bottom-right aligned), timed in one mode: ``fwd``, ``bwd`` (the backward alone, its forward
-run outside the timed region) or ``fwd+bwd``. GQA cases have ``Hq = G * Hkv`` with ``G`` from ``gqa``.
+A case is one problem of one op in one dtype, timed in one mode: ``fwd``, ``bwd`` (the backward alone,
+its forward run outside the timed region) or ``fwd+bwd``. The ops (:mod:`bench.ops` says what each
+computes and counts):
+
+* ``attention``: ``q (B, Hq, Tq, D)``, ``k, v (B, Hkv, Tk, D)``, dense or causal (bottom-right
+  aligned); GQA cases have ``Hq = G * Hkv`` with ``G`` from ``gqa``.
+* ``pooled``: Funnel's pool-query-only attention: q, k, v ``(B, H, T, D)``, the queries mean-pooled
+  with ``stride`` ([cls] kept apart, truncated), keys and values at full length.
+* ``sparse``: block-sparse attention over a :class:`effattn.BlockMask` of ``pattern`` (``random``
+  at ``sparsity``, the share of blocks cut; ``causal``, ``sliding``, ``documents``, ``bigbird``)
+  with square blocks of ``block`` tokens.
+* ``funnel``: one Funnel relative-attention layer (d_model = ``H * D``) at its pooling block
+  (``stride`` 2): hidden states ``(B, T, H * D)`` in, ``(B, Tp, H * D)`` out.
+* ``predict``: block-mask prediction from ``q, k (B, H, T, D)`` keeping ``1 - sparsity`` of the kv
+  blocks per query block (forward only).
 """
 
 from __future__ import annotations
@@ -18,6 +30,10 @@ DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16,
 MODES = ("fwd", "bwd", "fwd+bwd")
 CAUSAL_CHOICES: dict[str, tuple[bool, ...]] = {"false": (False,), "true": (True,), "both": (False, True)}
 DEVICES = ("auto", "cpu", "cuda")
+OP_NAMES = ("attention", "pooled", "sparse", "funnel", "predict")
+PATTERNS = ("random", "causal", "sliding", "documents", "bigbird")
+# Ops whose every case is forward only (no gradient through a predicted mask).
+FORWARD_ONLY_OPS = ("predict",)
 
 
 @dataclass(frozen=True)
@@ -34,6 +50,11 @@ class Case:
     causal: bool
     mode: str
     device: str
+    op: str = "attention"
+    stride: int = 1
+    pattern: str = ""
+    sparsity: float = 0.0
+    block: int = 0
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -53,10 +74,22 @@ class Case:
     def needs_grad(self) -> bool:
         return self.mode != "fwd"
 
+    def op_label(self) -> str:
+        """The op and its parameters: ``attention``, ``pooled/2``, ``sparse random 0.9 b64``, ``funnel/2``."""
+        if self.op in ("pooled", "funnel"):
+            return f"{self.op}/{self.stride}"
+        if self.op == "sparse":
+            what = f"random {self.sparsity:g}" if self.pattern == "random" else self.pattern
+            return f"sparse {what} b{self.block}"
+        if self.op == "predict":
+            return f"predict {self.sparsity:g} b{self.block}"
+        return self.op
+
     def label(self) -> str:
         kind = "causal" if self.causal else "dense"
         gqa = f" gqa{self.gqa}" if self.gqa > 1 else ""
-        return (f"{self.mode} {self.dtype} B={self.batch} H={self.heads_q}/{self.heads_kv} "
+        op = "" if self.op == "attention" else f"{self.op_label()} "
+        return (f"{op}{self.mode} {self.dtype} B={self.batch} H={self.heads_q}/{self.heads_kv} "
                 f"T={self.seqlen_q}/{self.seqlen_k} D={self.headdim} {kind}{gqa}")
 
 
@@ -80,6 +113,11 @@ class Sweep:
     gqa: tuple[int, ...] = (1,)
     tokens: int | None = None
     model_dim: int | None = None
+    ops: tuple[str, ...] = ("attention",)
+    strides: tuple[int, ...] = (2,)
+    patterns: tuple[str, ...] = ("random",)
+    sparsities: tuple[float, ...] = (0.5, 0.9)
+    block: int = 64
     timing: TimingConfig = TimingConfig()
     time_budget_s: float | None = None
 
@@ -90,6 +128,8 @@ class Sweep:
         return (max(1, self.model_dim // headdim),) if self.model_dim else self.heads
 
 
+# Funnel's pooling layers halve the sequence.
+FUNNEL_STRIDE = 2
 # Tokens per batch (B * T) and model width (Hq * D) of FlashAttention's own benchmarks.
 FA_BENCH_TOKENS = 16 * 1024
 FA_BENCH_MODEL_DIM = 2048
@@ -100,48 +140,84 @@ PRESETS: dict[str, Sweep] = {
     for preset in (
         Sweep(
             name="quick",
-            description="CPU-sized: dense, causal and GQA at T=256 and 1024, fp32, fwd and fwd+bwd (under a minute)",
+            description=("CPU-sized, every op at T=256 and 1024, fp32, fwd and fwd+bwd: attention (dense, causal, "
+                         "GQA), pooled (stride 2, 4), sparse (random 50/90 %, documents), Funnel layer, mask "
+                         "prediction (about a minute on 2 cores)"),
             seqlens=(256, KI), headdims=(64,), dtypes=("fp32",), causal=(False, True), modes=("fwd", "fwd+bwd"),
-            batch=(1,), heads=(4,), gqa=(1, 4), timing=TimingConfig(cpu_min_run_time_s=0.2),
+            batch=(1,), heads=(4,), gqa=(1, 4), ops=OP_NAMES, strides=(2, 4), patterns=("random", "documents"),
+            sparsities=(0.5, 0.9), block=64, timing=TimingConfig(cpu_min_run_time_s=0.05),
         ),
         Sweep(
             name="tiny",
-            description="test-suite size: dense, causal and GQA at T=64 and 128, fwd and fwd+bwd, a few seconds",
+            description="test-suite size: every op at T=64 and 128, D=32, blocks of 16, fwd and fwd+bwd, seconds",
             seqlens=(64, 128), headdims=(32,), dtypes=("fp32",), causal=(False, True),
-            modes=("fwd", "fwd+bwd"), batch=(1,), heads=(4,), gqa=(1, 4),
+            modes=("fwd", "fwd+bwd"), batch=(1,), heads=(4,), gqa=(1, 4), ops=OP_NAMES, strides=(2,),
+            patterns=("random", "documents"), sparsities=(0.5,), block=16,
             timing=TimingConfig(cpu_min_run_time_s=0.005, cuda_warmup_ms=2.0, cuda_rep_ms=5.0),
         ),
         Sweep(
             name="h100",
-            description=("GPU: bf16, D=64/128, T=1k/4k/16k with B*T=16k tokens and Hq*D=2048, dense and "
-                         "causal, fwd and fwd+bwd; time-boxed to 100 s (a full sweep took 200 s on an H100)"),
+            description=("GPU: attention, bf16, D=64/128, T=1k/4k/16k with B*T=16k tokens and Hq*D=2048, dense "
+                         "and causal, fwd and fwd+bwd; time-boxed to 100 s (a full sweep took 200 s on an H100)"),
             seqlens=(KI, 4 * KI, 16 * KI), headdims=(64, 128), dtypes=("bf16",),
             causal=(False, True), modes=("fwd", "fwd+bwd"), tokens=FA_BENCH_TOKENS, model_dim=FA_BENCH_MODEL_DIM,
             timing=TimingConfig(cuda_warmup_ms=10.0, cuda_rep_ms=50.0), time_budget_s=100.0,
+        ),
+        Sweep(
+            name="h100-ops",
+            description=("GPU: pooled (stride 2, 4), sparse (random 50/90/97 %, sliding, documents, bigbird; "
+                         "blocks of 64), Funnel layer, mask prediction; bf16, D=64, T=4k/16k with B*T=16k "
+                         "tokens and Hq*D=1024, fwd and fwd+bwd; time-boxed to 150 s"),
+            seqlens=(4 * KI, 16 * KI), headdims=(64,), dtypes=("bf16",), causal=(False,),
+            modes=("fwd", "fwd+bwd"), tokens=FA_BENCH_TOKENS, model_dim=FA_BENCH_MODEL_DIM // 2,
+            ops=("pooled", "sparse", "funnel", "predict"), strides=(2, 4),
+            patterns=("random", "sliding", "documents", "bigbird"), sparsities=(0.5, 0.9, 0.97), block=64,
+            timing=TimingConfig(cuda_warmup_ms=10.0, cuda_rep_ms=50.0), time_budget_s=150.0,
         ),
     )
 }
 DEFAULT_PRESET = "quick"
 
 
+def _variants(sweep: Sweep, op: str) -> list[dict]:
+    """The op's own axes: ``causal``, ``gqa``, ``stride``, ``pattern``, ``sparsity``, ``block`` of each variant."""
+    if op == "attention":
+        return [dict(causal=c, gqa=g) for c in sweep.causal for g in sweep.gqa]
+    if op == "pooled":
+        return [dict(stride=s) for s in sweep.strides]
+    if op == "funnel":
+        return [dict(stride=FUNNEL_STRIDE)]
+    if op == "sparse":
+        return [dict(pattern=p, sparsity=s if p == "random" else 0.0, block=sweep.block)
+                for p in sweep.patterns for s in (sweep.sparsities if p == "random" else (0.0,))]
+    if op == "predict":
+        return [dict(sparsity=s, block=sweep.block) for s in sweep.sparsities]
+    raise ValueError(f"op must be one of {OP_NAMES}, got {op!r}")
+
+
 def expand(sweep: Sweep, device: str) -> list[Case]:
     """All cases of ``sweep`` on ``device``, the modes of one problem next to each other.
 
-    Order: dtype, head dim, causal, GQA, heads, sequence length, batch, mode.
-    Raises ValueError when a head count is not a multiple of a GQA group size.
+    Order: op, dtype, head dim, the op's own axes (causal and GQA; stride; pattern and sparsity),
+    heads, sequence length, batch, mode. Only ``attention`` has GQA and causal cases; ``predict`` is
+    forward only (no case when the sweep's modes have no ``fwd``). Raises ValueError when a head count
+    is not a multiple of a GQA group size.
     """
     cases = []
-    for dtype in sweep.dtypes:
-        for headdim in sweep.headdims:
-            for causal in sweep.causal:
-                for gqa in sweep.gqa:
+    for op in sweep.ops:
+        modes = tuple(m for m in sweep.modes if m == "fwd") if op in FORWARD_ONLY_OPS else sweep.modes
+        for dtype in sweep.dtypes:
+            for headdim in sweep.headdims:
+                for variant in _variants(sweep, op):
+                    gqa = variant.pop("gqa", 1)
                     for heads in sweep.heads_for(headdim):
                         if heads % gqa:
                             raise ValueError(f"--heads {heads} is not a multiple of --gqa {gqa}")
                         for seqlen in sweep.seqlens:
                             for batch in sweep.batches_for(seqlen):
-                                for mode in sweep.modes:
+                                for mode in modes:
                                     cases.append(Case(batch=batch, heads_q=heads, heads_kv=heads // gqa,
                                                       seqlen_q=seqlen, seqlen_k=seqlen, headdim=headdim,
-                                                      dtype=dtype, causal=causal, mode=mode, device=device))
+                                                      dtype=dtype, mode=mode, device=device, op=op,
+                                                      **{"causal": False, **variant}))
     return cases

@@ -7,9 +7,11 @@
 # 2. "tests": the test suite on CUDA (EFFATTN_TEST_DEVICE=cuda), time-boxed, logged to $OUT/tests_cuda.log;
 # 3. "flash": the h100 preset of `python -m bench` on CUDA, time-boxed, its files written to $OUT;
 # 4. "funnel": `python -m bench.bench_funnel` (pooled-query attention, Funnel layers), time-boxed;
-# 5. "sparse": `python -m bench.bench_sparse` (block-sparse attention vs density), time-boxed.
-# GPU_CHECK_PARTS (default "tests flash funnel sparse") picks the steps; all of them fit one 10-minute
-# call only tightly: split them over two calls (e.g. "tests flash" then "funnel sparse") when possible.
+# 5. "sparse": `python -m bench.bench_sparse` (block-sparse attention vs density), time-boxed;
+# 6. "ops": the h100-ops preset of `python -m bench` (pooled, sparse, Funnel layer, mask prediction),
+#    time-boxed, files ops.json, ops.md, ops_sparse.png.
+# GPU_CHECK_PARTS (default "tests flash funnel sparse") picks the steps; they fit one 10-minute call
+# only tightly: split them over two calls (e.g. "tests flash" then "funnel sparse ops") when possible.
 #
 # Uses the machine's own python, torch and triton (PYTHON overrides the interpreter); installs
 # nothing and needs no network. Output directory: $OUT, or bench/results when OUT is unset. It holds
@@ -31,8 +33,9 @@ TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-230}"
 BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-110}"
 FUNNEL_TIMEOUT_S="${FUNNEL_TIMEOUT_S:-100}"
 SPARSE_TIMEOUT_S="${SPARSE_TIMEOUT_S:-100}"
+OPS_TIMEOUT_S="${OPS_TIMEOUT_S:-180}"
 PARTS="${GPU_CHECK_PARTS:-tests flash funnel sparse}"
-test_rc=0 bench_rc=0 funnel_rc=0 sparse_rc=0
+test_rc=0 bench_rc=0 funnel_rc=0 sparse_rc=0 ops_rc=0
 KILL_AFTER_S=15
 mkdir -p "$OUT_DIR"
 
@@ -89,7 +92,17 @@ if [[ " $PARTS " == *" sparse "* ]]; then
     rm -f "$OUT_DIR/sparse_density.png"  # 8 files at most; the JSON holds the curve
 fi
 
+if [[ " $PARTS " == *" ops "* ]]; then
+    echo "== ops benchmark, preset h100-ops (at most ${OPS_TIMEOUT_S} s)"
+    timeout -s INT -k "$KILL_AFTER_S" "$OPS_TIMEOUT_S" \
+        "$PYTHON" -m bench --preset h100-ops --device cuda --out "$OUT_DIR" --stem ops \
+        --providers naive sdpa flex effattn gate sparsefinder
+    ops_rc=$?
+    rm -f "$OUT_DIR"/ops_time.png "$OUT_DIR"/ops_tflops.png "$OUT_DIR"/ops_memory.png "$OUT_DIR"/ops_roofline.png \
+        "$OUT_DIR/ops.csv"  # 8 files at most
+fi
+
 echo "== done: tests exit $test_rc, flash benchmark exit $bench_rc, Funnel benchmark exit $funnel_rc," \
-     "block-sparse benchmark exit $sparse_rc; files in $OUT_DIR:"
+     "block-sparse benchmark exit $sparse_rc, ops benchmark exit $ops_rc; files in $OUT_DIR:"
 ls -l "$OUT_DIR"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$funnel_rc" -eq 0 ] && [ "$sparse_rc" -eq 0 ]
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$funnel_rc" -eq 0 ] && [ "$sparse_rc" -eq 0 ] && [ "$ops_rc" -eq 0 ]

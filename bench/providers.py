@@ -1,10 +1,25 @@
-"""The attention implementations compared, each able to say why it cannot run a case here.
+"""The implementations compared, each able to say why it cannot run a case here.
 
-A provider builds, for one case, a function ``attn(q, k, v) -> out`` with ``q (B, Hq, Tq, D)``,
-``k, v (B, Hkv, Tk, D)`` and ``out (B, Hq, Tq, D)``, causal meaning bottom-right aligned (query ``i``
-sees keys ``j <= i + Tk - Tq``), scale ``1/sqrt(D)``. Before building it, the runner asks
-:meth:`Provider.not_supported_reasons`; a non-empty list is shown in place of a time. A provider may
-also raise :class:`NotSupportedError` (or effattn's ``UnsupportedInputError``) from the call itself.
+A provider serves the ops in its ``ops``. For one case it builds a function of the op's ``args``
+(:mod:`bench.ops`): for ``attention``, ``pooled`` and ``sparse`` ``fn(q, k, v) -> out`` with
+``q (B, Hq, Tq, D)``, ``k, v (B, Hkv, Tk, D)``, causal meaning bottom-right aligned (query ``i`` sees
+keys ``j <= i + Tk - Tq``), scale ``1/sqrt(D)``; for ``funnel`` ``fn(x) -> out``; for ``predict``
+``fn(q, k) -> BlockMask``, with ``fn.reference`` the same predictor in another precision. Before
+building it, the runner asks :meth:`Provider.not_supported_reasons`; a non-empty list is shown in
+place of a time. A provider may also raise :class:`NotSupportedError` (or effattn's
+``UnsupportedInputError``) from the call itself.
+
+What each provider does per op:
+
+* ``naive``: materialises the ``(B, H, Tq, Tk)`` scores (pooled: pools q first; sparse: the mask
+  expanded to elements; funnel: Hugging Face's eager Funnel layer; predict: the oracle, the top
+  blocks of the true attention's block-max map).
+* ``sdpa*``, ``flex``: pooled: q pooled in PyTorch first; sparse: SDPA with the expanded boolean mask,
+  FlexAttention with the same mask converted (``BlockMask.to_flex``).
+* ``effattn*``: ``flash_attention``, ``pooled_attention`` (pooling inside the kernel),
+  ``sparse_attention``, the fused Funnel layer (``effattn.integrations.funnel``).
+* ``gate``, ``sparsefinder``: ``effattn.sparsity``'s predictors (untrained weights, seeded: the cost of
+  a prediction does not depend on training).
 
 Peers (``peer=True``) are the torch implementations that effattn is measured against: the best of
 them in a case gives the "vs best peer" speed-up.
@@ -14,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import functools
 import math
 import warnings
@@ -21,9 +37,9 @@ from collections.abc import Callable
 
 import torch
 
-from bench.cases import Case
+from bench.cases import OP_NAMES, Case
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttentionFn = Callable[..., object]
 
 # Copies of the (B, Hq, Tq, Tk) score matrix alive at once in a materialising implementation
 # (scores, probabilities, masks, and the tensors autograd saves for the backward): an estimate, used
@@ -34,6 +50,8 @@ GIB = 1 << 30
 NO_SDPA_KERNEL = ("No available kernel", "No viable backend")
 # Torch recompiles FlexAttention for every new shape, dtype and mask; a sweep needs more than dynamo's default.
 FLEX_RECOMPILE_LIMIT = 512
+# Largest forward tile asked of FlexAttention for a sparse mask (its kernels' own limit on an H100).
+FLEX_MAX_TILE = 128
 CPU_FLEX_REASON = ("FlexAttention is compiled (torch.compile) for every shape, seconds each on a small CPU; "
                    "name it in --providers to run it anyway")
 
@@ -54,19 +72,30 @@ def unsupported_errors() -> tuple[type[BaseException], ...]:
 
 
 class Provider(abc.ABC):
-    """One implementation: ``name``, ``description``, whether it is a torch ``peer``."""
+    """One implementation: ``name``, ``description``, whether it is a torch ``peer``, the ``ops`` it serves."""
 
     name = ""
     description = ""
     peer = False
+    ops: tuple[str, ...] = ("attention",)
 
     def not_supported_reasons(self, case: Case, requested: bool = False) -> list[str]:
         """Why this provider cannot (or should not, unless ``requested`` by name) run ``case`` here; [] if it can."""
         return []
 
     @abc.abstractmethod
-    def build(self, case: Case) -> AttentionFn:
-        """The function ``attn(q, k, v) -> out`` for ``case``."""
+    def build(self, case: Case, context: object = None, sample=None) -> AttentionFn:
+        """The function of the op's args for ``case``; ``context``: the op's (:meth:`bench.ops.Op.context`),
+        ``sample``: one input set (:class:`bench.validate.Inputs`), for what must be fitted to inputs."""
+
+
+def _pool_q(case: Case):
+    """``q -> pooled q``: Funnel's query pooling of a pooled case, in PyTorch."""
+    from bench.ops import query_pool
+    from effattn.reference import pool_queries
+
+    pool = query_pool(case)
+    return lambda q: pool_queries(q, pool)
 
 
 def _available_bytes(device: str) -> int | None:
@@ -84,13 +113,14 @@ def _available_bytes(device: str) -> int | None:
     return None
 
 
-def _materialised_reasons(case: Case, element_size: int) -> list[str]:
+def _materialised_reasons(case: Case, element_size: int, copies: int | None = None) -> list[str]:
     """A reason when the ``(B, Hq, Tq, Tk)`` score copies of a materialising implementation cannot fit."""
     scores = case.batch * case.heads_q * case.seqlen_q * case.seqlen_k * element_size
-    need = SCORE_COPIES[case.mode] * scores
+    copies = SCORE_COPIES[case.mode] if copies is None else copies
+    need = copies * scores
     available = _available_bytes(case.device)
     if available is not None and need > available:
-        return [f"materialises {SCORE_COPIES[case.mode]} x {scores / GIB:.1f} GiB of scores, "
+        return [f"materialises {copies} x {scores / GIB:.1f} GiB of scores, "
                 f"{available / GIB:.1f} GiB available"]
     return []
 
@@ -109,13 +139,29 @@ def _import_reasons(module: str) -> list[str]:
 
 class NaiveProvider(Provider):
     name = "naive"
-    description = "effattn.reference.naive_attention: the full (B, Hq, Tq, Tk) softmax in memory, autograd backward"
+    description = ("effattn.reference.naive_attention: the full (B, Hq, Tq, Tk) softmax in memory, autograd backward "
+                   "(funnel: Hugging Face's eager layer; predict: the oracle's dense block map)")
+    ops = OP_NAMES
 
     def not_supported_reasons(self, case, requested=False):
-        return _import_reasons("effattn.reference") or _materialised_reasons(case, case.torch_dtype.itemsize)
+        reasons = _import_reasons("effattn.reference")
+        if case.op == "funnel":
+            reasons += _import_reasons("transformers")
+        return reasons or _materialised_reasons(case, case.torch_dtype.itemsize)
 
-    def build(self, case):
+    def build(self, case, context=None, sample=None):
         from effattn.reference import naive_attention
+
+        if case.op == "funnel":
+            return context.call(fused=False)
+        if case.op == "predict":
+            return _oracle(case)
+        if case.op == "pooled":
+            pool = _pool_q(case)
+            return lambda q, k, v: naive_attention(pool(q), k, v)
+        if case.op == "sparse":
+            dense = context.to_dense()
+            return lambda q, k, v: naive_attention(q, k, v, dense)
 
         window_right = 0 if case.causal else -1
         diag_offset = case.seqlen_k - case.seqlen_q
@@ -126,10 +172,34 @@ class NaiveProvider(Provider):
         return attn
 
 
+def _oracle(case: Case):
+    """The oracle predictor: the top ``kept_top_k`` kv blocks of each q block of the dense attention's
+    block-max map (what a predictor keeping as many blocks would keep at best)."""
+    from bench.ops import kept_top_k
+    from effattn import BlockMask
+
+    top_k, block = kept_top_k(case), case.block
+
+    def predict(q, k):
+        B, H, Tq, _ = q.shape
+        Tk = k.shape[2]
+        p = torch.softmax(q @ k.transpose(-1, -2) * case.headdim ** -0.5, dim=-1)
+        nq, nk = math.ceil(Tq / block), math.ceil(Tk / block)
+        p = torch.nn.functional.pad(p, (0, nk * block - Tk, 0, nq * block - Tq))
+        block_max = p.view(B, H, nq, block, nk, block).amax(dim=(3, 5))
+        picked = block_max.topk(min(top_k, nk), dim=-1).indices
+        keep = torch.zeros_like(block_max, dtype=torch.bool).scatter_(-1, picked, True)
+        return BlockMask.from_dense_blocks(keep, Tq, Tk, (block, block))
+
+    predict.reference = predict
+    return predict
+
+
 class SdpaProvider(Provider):
     """``torch.nn.functional.scaled_dot_product_attention``, on torch's choice of backend or a forced one."""
 
     peer = True
+    ops = ("attention", "pooled", "sparse")
 
     def __init__(self, backend_name: str | None = None):
         self.backend_name = backend_name
@@ -148,24 +218,38 @@ class SdpaProvider(Provider):
         return member
 
     def not_supported_reasons(self, case, requested=False):
+        reasons = []
+        if case.op == "sparse":  # the boolean mask, expanded to elements
+            reasons += _materialised_reasons(case, 1, copies=1)
         if self.backend_name is None:
-            return []
-        reasons = _needs_cuda(case, "forcing an SDPA backend is benchmarked")
+            return reasons
+        reasons += _needs_cuda(case, "forcing an SDPA backend is benchmarked")
         if not reasons and self.backend_name == "MATH":
             reasons += _materialised_reasons(case, torch.float32.itemsize)  # the math path computes in fp32
         return reasons
 
-    def build(self, case):
+    def _plain(self, case, context):
+        """SDPA of ``(q, k, v)`` for ``case`` on torch's choice of backend."""
         import torch.nn.functional as F
 
+        if case.op == "pooled":
+            pool = _pool_q(case)
+            return lambda q, k, v: F.scaled_dot_product_attention(pool(q), k, v)
+        if case.op == "sparse":
+            dense = context.to_dense()
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
         kwargs = {"enable_gqa": case.gqa > 1}
         if case.causal and case.seqlen_q == case.seqlen_k:
             kwargs["is_causal"] = True
         elif case.causal:  # SDPA's is_causal is top-left aligned; this bias is bottom-right, like the others
             from torch.nn.attention.bias import causal_lower_right
             kwargs["attn_mask"] = causal_lower_right(case.seqlen_q, case.seqlen_k)
+        return functools.partial(F.scaled_dot_product_attention, **kwargs)
+
+    def build(self, case, context=None, sample=None):
+        plain = self._plain(case, context)
         if self.backend_name is None:
-            return functools.partial(F.scaled_dot_product_attention, **kwargs)
+            return plain
 
         from torch.nn.attention import sdpa_kernel
 
@@ -174,7 +258,7 @@ class SdpaProvider(Provider):
         def attn(q, k, v):
             try:
                 with sdpa_kernel([backend]):
-                    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+                    return plain(q, k, v)
             except RuntimeError as e:
                 if not any(text in str(e) for text in NO_SDPA_KERNEL):
                     raise
@@ -182,7 +266,7 @@ class SdpaProvider(Provider):
             with warnings.catch_warnings(record=True) as caught, sdpa_kernel([backend]):
                 warnings.simplefilter("always")
                 with contextlib.suppress(RuntimeError):
-                    F.scaled_dot_product_attention(q, k, v, **kwargs)
+                    plain(q, k, v)
             why = "; ".join(dict.fromkeys(str(w.message).strip().splitlines()[0] for w in caught))
             raise NotSupportedError(f"SDPBackend.{self.backend_name} declined: {why or 'no reason given'}")
 
@@ -191,8 +275,10 @@ class SdpaProvider(Provider):
 
 class FlexProvider(Provider):
     name = "flex"
-    description = "torch.nn.attention.flex_attention compiled with torch.compile, causal as a block mask"
+    description = ("torch.nn.attention.flex_attention compiled with torch.compile: causal as a block mask, "
+                   "sparse with the mask converted (BlockMask.to_flex), pooled on pre-pooled q")
     peer = True
+    ops = ("attention", "pooled", "sparse")
 
     def not_supported_reasons(self, case, requested=False):
         reasons = _import_reasons("torch.nn.attention.flex_attention")
@@ -202,9 +288,18 @@ class FlexProvider(Provider):
             reasons.append(CPU_FLEX_REASON)
         return reasons
 
-    def build(self, case):
+    def build(self, case, context=None, sample=None):
         from torch.nn.attention.flex_attention import create_block_mask
 
+        compiled = _compiled_flex_attention()
+        if case.op == "pooled":
+            pool = _pool_q(case)
+            return lambda q, k, v: compiled(pool(q), k, v)
+        if case.op == "sparse":
+            flex_mask = context.to_flex()
+            # the forward's tiles = the mask's blocks (flex's default tile may be wider than the mask's block)
+            options = {"fwd_BLOCK_M": min(case.block, FLEX_MAX_TILE), "fwd_BLOCK_N": min(case.block, FLEX_MAX_TILE)}
+            return lambda q, k, v: compiled(q, k, v, block_mask=flex_mask, kernel_options=options)
         block_mask = None
         if case.causal:
             offset = case.seqlen_k - case.seqlen_q
@@ -214,7 +309,6 @@ class FlexProvider(Provider):
 
             block_mask = create_block_mask(causal_bottom_right, None, None, case.seqlen_q, case.seqlen_k,
                                            device=case.device)
-        compiled = _compiled_flex_attention()
         enable_gqa = case.gqa > 1
 
         def attn(q, k, v):
@@ -236,26 +330,100 @@ def _compiled_flex_attention():
 
 
 class EffattnProvider(Provider):
-    """``effattn.flash_attention`` on its automatic backend (None) or a named one."""
+    """effattn's ops on their automatic backend (None) or a named one."""
 
     def __init__(self, backend: str | None = None):
         self.backend = backend
         self.name = "effattn" if backend is None else f"effattn-{backend}"
-        self.description = ("effattn.flash_attention, automatic backend (CUDA: triton, CPU: reference)"
-                            if backend is None else f"effattn.flash_attention(backend={backend!r})")
+        self.description = ("effattn, automatic backend (CUDA: triton, CPU: reference)" if backend is None
+                            else f"effattn with backend={backend!r}")
+        # The fused Funnel layer picks its backend itself (the automatic one).
+        self.ops = ("attention", "pooled", "sparse") + (("funnel",) if backend is None else ())
 
     def not_supported_reasons(self, case, requested=False):
         reasons = _import_reasons("effattn")
+        if case.op == "funnel":
+            reasons += _import_reasons("transformers")
         if self.backend == "triton":
             reasons += _import_reasons("triton")
             reasons += _needs_cuda(case, "the Triton kernels are timed")  # the CPU interpreter is for tests
+        elif self.backend is not None and not reasons:
+            reasons += self._backend_reasons(case)
         return reasons
 
-    def build(self, case):
-        from effattn import flash_attention
+    def _backend_reasons(self, case: Case) -> list[str]:
+        """What the named backend says of this case's input, as the op would ask it (building the extension
+        on first use, as a call naming it does)."""
+        from bench.ops import query_pool
+        from effattn.backends import BACKENDS, AttentionCall
 
-        return functools.partial(flash_attention, causal=case.causal, scale=1.0 / math.sqrt(case.headdim),
-                                 backend=self.backend)
+        backend = BACKENDS.get(self.backend)
+        if backend is None:
+            return [f"effattn has no backend {self.backend!r} (backends: {', '.join(BACKENDS)})"]
+        call = AttentionCall(device=torch.device(case.device), dtype=case.torch_dtype, head_dim_qk=case.headdim,
+                             head_dim_v=case.headdim, Tq=case.seqlen_q, Tk=case.seqlen_k, dropout=False,
+                             batch=case.batch, heads=case.heads_q,
+                             pool=query_pool(case) if case.op == "pooled" else None)
+        return backend.not_supported_reasons(call, forced=True)
+
+    def build(self, case, context=None, sample=None):
+        import effattn
+
+        scale = 1.0 / math.sqrt(case.headdim)
+        if case.op == "funnel":
+            return context.call(fused=True)
+        if case.op == "pooled":
+            return functools.partial(effattn.pooled_attention, stride=case.stride, separate_cls=True, truncate=True,
+                                     scale=scale, backend=self.backend)
+        if case.op == "sparse":
+            return lambda q, k, v: effattn.sparse_attention(q, k, v, context, scale=scale, backend=self.backend)
+        return functools.partial(effattn.flash_attention, causal=case.causal, scale=scale, backend=self.backend)
+
+
+class PredictorProvider(Provider):
+    """A learned block-mask predictor of ``effattn.sparsity`` (seeded, untrained weights)."""
+
+    ops = ("predict",)
+
+    def __init__(self, kind: str):
+        self.name = kind
+        self.description = {
+            "gate": "effattn.sparsity.BlockGate.predict(top_k): pooled q/k blocks, per-head linear maps, top-k",
+            "sparsefinder": "effattn.sparsity.SparseFinder.predict: low-rank projections, k-means clusters "
+                            "(fitted on the first input set), cluster-set intersection per block pair",
+        }[kind]
+
+    def not_supported_reasons(self, case, requested=False):
+        return _import_reasons("effattn.sparsity")
+
+    def _module(self, case: Case, sample):
+        from bench.ops import CONTEXT_SEED, GATE_DIM, SPARSEFINDER_CLUSTERS, SPARSEFINDER_RANK
+        from effattn.sparsity import BlockGate, SparseFinder
+
+        if self.name == "gate":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(CONTEXT_SEED)
+                return BlockGate(case.heads_q, case.headdim, gate_dim=GATE_DIM, block_size=(case.block, case.block))
+        finder = SparseFinder(case.heads_q, case.headdim, rank=SPARSEFINDER_RANK, n_clusters=SPARSEFINDER_CLUSTERS,
+                              seed=CONTEXT_SEED).to(case.device)
+        q, k = sample.args_inference
+        finder.fit_clusters(q.float(), k.float())
+        return finder
+
+    def build(self, case, context=None, sample=None):
+        from bench.ops import kept_top_k
+
+        module = self._module(case, sample).to(case.device)
+        block = (case.block, case.block)
+
+        def bind(m):
+            if self.name == "gate":
+                return lambda q, k: m.predict(q, k, top_k=kept_top_k(case))
+            return lambda q, k: m.predict(q, k, block_size=block)
+
+        predict = bind(module)
+        predict.reference = bind(copy.deepcopy(module).double())
+        return predict
 
 
 PROVIDERS: dict[str, Provider] = {
@@ -270,6 +438,10 @@ PROVIDERS: dict[str, Provider] = {
         FlexProvider(),
         EffattnProvider(),
         EffattnProvider("triton"),
+        EffattnProvider("cuda"),
+        EffattnProvider("cpp"),
+        PredictorProvider("gate"),
+        PredictorProvider("sparsefinder"),
     )
 }
 BASELINE = "naive"

@@ -6,7 +6,11 @@ Files, under the output directory, all named ``<stem>.*`` (stem ``attention``):
 * ``<stem>.csv``: one line per row, each tagged with :data:`bench.metadata.ROW_TAGS`.
 * ``<stem>.md``: the metadata and the table.
 * ``<stem>_time.png``, ``<stem>_tflops.png``, ``<stem>_memory.png``: time, TFLOP/s and peak memory
-  against sequence length, one line per provider, one panel per (mode, dtype, causal, shape).
+  against sequence length, one line per provider, one panel per (op, mode, dtype, causal, shape).
+* ``<stem>_sparse.png``: sparse time against the share of mask blocks kept, per provider (when a
+  sweep has sparse cases of several densities).
+* ``<stem>_roofline.png``: every timed row on the roofline of the device's measured matmul and copy
+  ceilings (when they were measured).
 
 A provider that ran in no case (say, CUDA only on a CPU run) gets one "not run" line under the
 table, with its reasons, rather than a row per case.
@@ -71,6 +75,7 @@ def _note(row: Row) -> str:
 # Table columns: header, cell of a row, right-aligned.
 COLUMNS = (
     ("provider", lambda r: r.provider, False),
+    ("op", lambda r: r.case().op_label(), False),
     ("mode", lambda r: r.mode, False),
     ("dtype", lambda r: r.dtype, False),
     ("B", lambda r: str(r.batch), True),
@@ -80,13 +85,22 @@ COLUMNS = (
     ("causal", lambda r: "yes" if r.causal else "no", False),
     ("ms", lambda r: _sig(r.ms), True),
     ("TFLOP/s", lambda r: _sig(r.tflops), True),
+    ("GB/s", lambda r: _sig(r.gbps), True),
+    ("kept", lambda r: "-" if r.kept is None else f"{r.kept:.0%}", True),
     ("peak MiB", lambda r: _sig(r.peak_mib), True),
     ("vs naive", lambda r: "-" if r.speedup_naive is None else f"{_sig(r.speedup_naive)}x", True),
     ("vs peer", lambda r: "-" if r.speedup_peer is None else f"{_sig(r.speedup_peer)}x", True),
     ("note", _note, False),
 )
-COLUMN_NOTES = ("H is Hq or Hq/Hkv (GQA), T is T or Tq/Tk; vs naive / vs peer: time of naive / of the best "
-                "sdpa* or flex row of the same case over this row's time (> 1: faster)")
+COLUMN_NOTES = ("H is Hq or Hq/Hkv (GQA), T is T or Tq/Tk (before pooling); GB/s: the op's minimal bytes (inputs "
+                "read and outputs written once) over the time; kept: share of mask blocks kept (sparse, predict); "
+                "vs naive / vs peer: time of naive / of the best sdpa* or flex row of the same case over this "
+                "row's time (> 1: faster)")
+SUMMARY_NOTE = ("Per effattn provider (and predictor), op, mode and dtype: geometric means over the cases of the "
+                "speed-up over naive and over the best peer (sdpa*, flex) of the same case, the peer that was best "
+                "most often, the highest TFLOP/s, and the geometric mean of peak memory over naive's (< 1: less).")
+# The columns that name a case (provider and measurements excluded).
+CASE_COLUMNS = slice(1, 9)
 
 
 def split_not_run(rows: Sequence[Row]) -> tuple[list[Row], list[str]]:
@@ -140,11 +154,11 @@ def format_pivot(rows: Sequence[Row], attr: str = "tflops") -> str:
     cases: dict[tuple, dict[str, Row]] = {}
     for r in rows:
         cases.setdefault(r.case_key(), {})[r.provider] = r
-    case_headers = [h for h, _, _ in COLUMNS[1:8]]
+    case_headers = [h for h, _, _ in COLUMNS[CASE_COLUMNS]]
     lines = []
     for by_provider in cases.values():
         first = next(iter(by_provider.values()))
-        case_cells = [cell(first) for _, cell, _ in COLUMNS[1:8]]
+        case_cells = [cell(first) for _, cell, _ in COLUMNS[CASE_COLUMNS]]
         values = []
         for p in providers:
             r = by_provider.get(p)
@@ -152,7 +166,7 @@ def format_pivot(rows: Sequence[Row], attr: str = "tflops") -> str:
         lines.append(case_cells + values)
     headers = case_headers + providers
     widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(headers)]
-    right = [right for _, _, right in COLUMNS[1:8]] + [True] * len(providers)
+    right = [right for _, _, right in COLUMNS[CASE_COLUMNS]] + [True] * len(providers)
 
     def fmt(values):
         return "  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)).rstrip()
@@ -160,12 +174,69 @@ def format_pivot(rows: Sequence[Row], attr: str = "tflops") -> str:
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
 
 
+SUMMARY_HEADERS = ("provider", "op", "mode", "dtype", "cases", "vs naive", "vs best peer", "best peer",
+                   "TFLOP/s max", "memory vs naive")
+
+
+def _geomean(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def summary_lines(rows: Sequence[Row]) -> list[list[str]]:
+    """Per (effattn provider or predictor, op, mode, dtype): cases run, geometric means of the speed-ups
+    over naive and over the best peer, the peer that was best most often, the highest TFLOP/s, and the
+    geometric mean of peak memory over naive's."""
+    from bench.providers import PROVIDERS
+
+    naive = {r.case_key(): r for r in rows if r.provider == "naive" and r.status == STATUS_OK}
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r.status == STATUS_OK and r.provider != "naive" and not PROVIDERS[r.provider].peer:
+            op = r.case().op_label().split(" b")[0] if r.op in ("sparse", "predict") else r.case().op_label()
+            groups.setdefault((r.provider, op, r.mode, r.dtype), []).append(r)
+    lines = []
+    for (provider, op, mode, dtype), group in groups.items():
+        memory = [r.peak_mib / naive[r.case_key()].peak_mib for r in group
+                  if r.case_key() in naive and r.peak_mib and naive[r.case_key()].peak_mib]
+        peers = Counter(r.best_peer for r in group if r.best_peer)
+        tflops = [r.tflops for r in group if r.tflops is not None]
+        vs_naive, vs_peer, mem = (_geomean([r.speedup_naive for r in group]),
+                                  _geomean([r.speedup_peer for r in group]), _geomean(memory))
+        lines.append([provider, op, mode, dtype, str(len(group)),
+                      "-" if vs_naive is None else f"{_sig(vs_naive)}x",
+                      "-" if vs_peer is None else f"{_sig(vs_peer)}x",
+                      peers.most_common(1)[0][0] if peers else "-",
+                      _sig(max(tflops)) if tflops else "-",
+                      "-" if mem is None else f"{_sig(mem)}x"])
+    return lines
+
+
+def format_summary(rows: Sequence[Row], markdown: bool = False) -> str:
+    """The summary of :func:`summary_lines` as aligned text or a markdown table."""
+    lines = summary_lines(rows)
+    if not lines:
+        return "(no effattn row ran)"
+    if markdown:
+        out = ["| " + " | ".join(SUMMARY_HEADERS) + " |",
+               "|" + "|".join("---" if i < 4 or i == 7 else "---:" for i in range(len(SUMMARY_HEADERS))) + "|"]
+        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(SUMMARY_HEADERS)]
+
+    def fmt(values):
+        return "  ".join(v.ljust(w) if i < 4 or i == 7 else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    return "\n".join([fmt(SUMMARY_HEADERS), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+
+
 def format_markdown(rows: Sequence[Row], meta: dict) -> str:
     shown, not_run = split_not_run(rows)
     headers = [h for h, _, _ in COLUMNS]
-    out = ["# effattn attention benchmark", ""]
+    out = ["# effattn benchmark", ""]
     out += [f"- **{k}**: `{v}`" for k, v in meta.items()]
-    out += ["", COLUMN_NOTES + ".", ""]
+    out += ["", "## Summary", "", SUMMARY_NOTE, "", format_summary(rows, markdown=True), "", "## All rows", "",
+            COLUMN_NOTES + ".", ""]
     out.append("| " + " | ".join(headers) + " |")
     out.append("|" + "|".join("---:" if right else "---" for _, _, right in COLUMNS) + "|")
     for values in _cells(shown):
@@ -207,10 +278,12 @@ def _panels(rows: Sequence[Row]) -> dict[str, list[Row]]:
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         if r.status == STATUS_OK:
-            groups.setdefault((r.mode, r.dtype, r.causal, r.headdim, r.heads_q, r.heads_kv), []).append(r)
+            key = (r.case().op_label(), r.mode, r.dtype, r.causal, r.headdim, r.heads_q, r.heads_kv)
+            groups.setdefault(key, []).append(r)
     panels = {}
-    for (mode, dtype, causal, headdim, hq, hkv), group in groups.items():
-        base = f"{mode} {dtype} {'causal' if causal else 'dense'} D={headdim} H={_pair(hq, hkv)}"
+    for (op, mode, dtype, causal, headdim, hq, hkv), group in groups.items():
+        kind = ("causal " if causal else "dense ") if op == "attention" else ""
+        base = f"{op} {mode} {dtype} {kind}D={headdim} H={_pair(hq, hkv)}"
         batches_per_length: dict[int, set[int]] = {}
         for r in group:
             batches_per_length.setdefault(r.seqlen_q, set()).add(r.batch)
@@ -221,6 +294,41 @@ def _panels(rows: Sequence[Row]) -> dict[str, list[Row]]:
             for batch in sorted({r.batch for r in group}):
                 panels[f"{base} B={batch}"] = [r for r in group if r.batch == batch]
     return panels
+
+
+def panel_grid(n_panels: int):
+    """``(fig, axes)``: a grid of at most :data:`PLOT_MAX_COLUMNS` columns for ``n_panels`` panels."""
+    import matplotlib.pyplot as plt
+
+    ncols = min(PLOT_MAX_COLUMNS, n_panels)
+    nrows = math.ceil(n_panels / ncols)
+    return plt.subplots(nrows, ncols, squeeze=False, figsize=(PLOT_PANEL_INCHES[0] * ncols,
+                                                              PLOT_PANEL_INCHES[1] * nrows))
+
+
+def style_axis(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """Title, labels, small ticks and a light grid, the same on every panel."""
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(which="both", labelsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def save_grid(fig, axes, n_panels: int, handles, path: Path, dpi: int = PLOT_DPI) -> Path:
+    """Hide the unused panels, put the legend on top, fix the margins, write ``path`` and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[n_panels:]:
+        ax.set_visible(False)
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8)
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=PLOT_MARGIN_INCHES["left"] / width, right=1 - PLOT_MARGIN_INCHES["right"] / width,
+                        bottom=PLOT_MARGIN_INCHES["bottom"] / height, top=1 - PLOT_MARGIN_INCHES["top"] / height,
+                        wspace=PLOT_SPACING[0], hspace=PLOT_SPACING[1])
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def write_plots(out_dir: Path, rows: Sequence[Row], stem: str = STEM) -> tuple[list[Path], str | None]:
@@ -238,12 +346,10 @@ def write_plots(out_dir: Path, rows: Sequence[Row], stem: str = STEM) -> tuple[l
         return [], "no successful rows: plots skipped"
     providers = list(dict.fromkeys(r.provider for group in panels.values() for r in group))
     colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
-    ncols = min(PLOT_MAX_COLUMNS, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
+    handles = [plt.Line2D([], [], color=colors[p], marker="o", label=p) for p in providers]
     paths = []
     for suffix, attr, ylabel, log_y in PLOTS:
-        fig, axes = plt.subplots(nrows, ncols, squeeze=False,
-                                 figsize=(PLOT_PANEL_INCHES[0] * ncols, PLOT_PANEL_INCHES[1] * nrows))
+        fig, axes = panel_grid(len(panels))
         for ax, (title, group) in zip(axes.flat, panels.items()):
             for provider in providers:
                 points = sorted((r.seqlen_q, getattr(r, attr)) for r in group
@@ -259,28 +365,58 @@ def write_plots(out_dir: Path, rows: Sequence[Row], stem: str = STEM) -> tuple[l
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: _sig(y, 1)))
                 ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_label))
-            ax.set_title(title, fontsize=8)
-            ax.set_xlabel("sequence length T", fontsize=8)
-            ax.set_ylabel(ylabel, fontsize=8)
-            ax.tick_params(which="both", labelsize=7)
-            ax.grid(True, which="both", alpha=0.3)
-        for ax in list(axes.flat)[len(panels):]:
-            ax.set_visible(False)
-        handles = [plt.Line2D([], [], color=colors[p], marker="o", label=p) for p in providers]
-        fig.legend(handles=handles, loc="upper center", ncol=min(len(providers), 6), fontsize=8)
-        width, height = fig.get_size_inches()
-        fig.subplots_adjust(left=PLOT_MARGIN_INCHES["left"] / width, right=1 - PLOT_MARGIN_INCHES["right"] / width,
-                            bottom=PLOT_MARGIN_INCHES["bottom"] / height, top=1 - PLOT_MARGIN_INCHES["top"] / height,
-                            wspace=PLOT_SPACING[0], hspace=PLOT_SPACING[1])
-        path = out_dir / f"{stem}_{suffix}.png"
-        fig.savefig(path, dpi=PLOT_DPI)
-        plt.close(fig)
-        paths.append(path)
+            style_axis(ax, title, "sequence length T", ylabel)
+        paths.append(save_grid(fig, axes, len(panels), handles, out_dir / f"{stem}_{suffix}.png"))
     return paths, None
 
 
+def _sparse_panels(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    """Successful sparse rows of random masks, one panel per (mode, dtype, shape, block); x is the kept share."""
+    panels: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.status == STATUS_OK and r.op == "sparse" and r.kept is not None:
+            title = (f"sparse {r.mode} {r.dtype} B={r.batch} H={r.heads_q} T={_length_label(r.seqlen_q)} "
+                     f"D={r.headdim} b{r.block}")
+            panels.setdefault(title, []).append(r)
+    return {t: g for t, g in panels.items() if len({r.kept for r in g}) > 1}
+
+
+def write_sparse_plot(out_dir: Path, rows: Sequence[Row], stem: str = STEM) -> Path | None:
+    """``<stem>_sparse.png``: time against the share of blocks kept, per provider (None without sparse rows)."""
+    import matplotlib.pyplot as plt
+
+    panels = _sparse_panels(rows)
+    if not panels:
+        return None
+    providers = list(dict.fromkeys(r.provider for group in panels.values() for r in group))
+    colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+    fig, axes = panel_grid(len(panels))
+    for ax, (title, group) in zip(axes.flat, panels.items()):
+        for provider in providers:
+            points = sorted((r.kept, r.ms) for r in group if r.provider == provider)
+            if points:
+                ax.plot(*zip(*points), "o-", color=colors[provider], label=provider, markersize=3)
+        ax.set_yscale("log")
+        style_axis(ax, title, "share of blocks kept (random and structured masks)", "median time (ms)")
+    handles = [plt.Line2D([], [], color=colors[p], marker="o", label=p) for p in providers]
+    return save_grid(fig, axes, len(panels), handles, out_dir / f"{stem}_sparse.png")
+
+
+def write_roofline(out_dir: Path, rows: Sequence[Row], ceilings, stem: str = STEM) -> Path | None:
+    """``<stem>_roofline.png``: every successful row with FLOPs and bytes on the device's roofline
+    (:func:`effattn.profile.roofline_plot`), one colour per provider; None when no row has both."""
+    from effattn.profile import Measurement, roofline_plot
+
+    points = [Measurement(label=r.provider, ms=r.ms, flops=r.flops, bytes=r.bytes, peak_bytes=None)
+              for r in rows if r.status == STATUS_OK and r.flops and r.bytes]
+    if not points:
+        return None
+    return roofline_plot(points, out_dir / f"{stem}_roofline.png", ceilings,
+                         title=f"roofline, {ceilings.device_name}: every timed row")
+
+
 def write_all(out_dir: Path, rows: Sequence[Row], meta: dict, plots: bool = True,
-              stem: str = STEM) -> tuple[list[Path], list[str]]:
+              stem: str = STEM, ceilings=None) -> tuple[list[Path], list[str]]:
     """Write every output file into ``out_dir`` (created); ``(paths written, notes)``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.csv", out_dir / f"{stem}.md"]
@@ -292,4 +428,8 @@ def write_all(out_dir: Path, rows: Sequence[Row], meta: dict, plots: bool = True
         pngs, note = write_plots(out_dir, rows, stem)
         paths += pngs
         notes += [note] if note else []
+        if pngs:
+            sparse = write_sparse_plot(out_dir, rows, stem)
+            roofline = write_roofline(out_dir, rows, ceilings, stem) if ceilings is not None else None
+            paths += [p for p in (sparse, roofline) if p]
     return paths, notes

@@ -23,9 +23,10 @@ import torch
 
 from bench import harness
 from bench.cases import Case
-from bench.flops import attention_flops, tflops_per_s
+from bench.flops import tflops_per_s
+from bench.ops import OPS, Cost, Reference
 from bench.providers import BASELINE, PROVIDERS, AttentionFn, unsupported_errors
-from bench.validate import Inputs, Reference, check, compute_reference, provider_outputs
+from bench.validate import Inputs, check, compute_reference, provider_outputs
 
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
@@ -39,6 +40,8 @@ CACHE_MULTIPLE = 2
 MAX_INPUT_SETS = 8
 # Cache size assumed when the machine does not say.
 DEFAULT_CACHE_BYTES = 32 << 20
+# Characters of the progress bar.
+PROGRESS_BAR_WIDTH = 20
 # Longest error message kept in a row.
 MAX_REASON_CHARS = 300
 
@@ -58,11 +61,19 @@ class Row:
     headdim: int
     causal: bool
     device: str
+    op: str
+    stride: int
+    pattern: str
+    sparsity: float
+    block: int
     flops: int
+    bytes: int
     status: str = STATUS_OK
     reason: str = ""
     ms: float | None = None
     tflops: float | None = None
+    gbps: float | None = None
+    kept: float | None = None
     peak_mib: float | None = None
     rel_err: float | None = None
     speedup_naive: float | None = None
@@ -70,18 +81,20 @@ class Row:
     best_peer: str = ""
 
     @classmethod
-    def for_case(cls, provider: str, case: Case) -> Row:
-        flops = attention_flops(case.batch, case.heads_q, case.seqlen_q, case.seqlen_k, case.headdim, case.causal,
-                                case.mode)
-        return cls(provider=provider, flops=flops, **asdict(case))
+    def for_case(cls, provider: str, case: Case, cost: Cost) -> Row:
+        return cls(provider=provider, flops=cost.flops(case.mode), bytes=cost.bytes(case.mode), **asdict(case))
 
     def case_key(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(Case))
 
+    def case(self) -> Case:
+        return Case(*self.case_key())
+
 
 @dataclass
 class Progress:
-    """One line per finished row on ``stream`` (stderr): count, elapsed time, provider, case, outcome."""
+    """One line per finished row on ``stream`` (stderr): a bar, count, elapsed and remaining time, provider,
+    case, outcome. The remaining time is the mean time per row so far times the rows left."""
 
     total: int
     stream: object = field(default_factory=lambda: sys.stderr)
@@ -89,14 +102,20 @@ class Progress:
     done: int = 0
     start: float = field(default_factory=time.perf_counter)
 
+    def bar(self) -> str:
+        filled = PROGRESS_BAR_WIDTH * self.done // max(1, self.total)
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        width = len(str(self.total))
+        return (f"[{'#' * filled}{'.' * (PROGRESS_BAR_WIDTH - filled)}] {self.done:>{width}}/{self.total} "
+                f"{elapsed:6.1f}s, ~{left:.0f}s left")
+
     def report(self, case: Case, row: Row) -> None:
         self.done += 1
         if not self.enabled:
             return
         outcome = f"{row.ms:.3f} ms" if row.status == STATUS_OK else f"{row.status}: {row.reason}"
-        width = len(str(self.total))
-        print(f"[{self.done:>{width}}/{self.total} {time.perf_counter() - self.start:6.1f}s] "
-              f"{row.provider:<15} {case.label()}: {outcome}", file=self.stream, flush=True)
+        print(f"{self.bar()} {row.provider:<14} {case.label()}: {outcome}", file=self.stream, flush=True)
 
 
 def cache_bytes(device: str) -> int:
@@ -117,37 +136,39 @@ def cache_bytes(device: str) -> int:
 
 
 def make_inputs(case: Case, seed: int) -> list[Inputs]:
-    """Random input sets for ``case`` (leaves with ``requires_grad``), enough to rotate out of the cache."""
-    shapes = {"q": (case.batch, case.heads_q, case.seqlen_q, case.headdim),
-              "k": (case.batch, case.heads_kv, case.seqlen_k, case.headdim),
-              "v": (case.batch, case.heads_kv, case.seqlen_k, case.headdim),
-              "dout": (case.batch, case.heads_q, case.seqlen_q, case.headdim)}
-    set_bytes = sum(math.prod(s) for s in shapes.values()) * case.torch_dtype.itemsize
+    """Random input sets for ``case`` (the op's args, leaves with ``requires_grad`` where the op has a
+    backward, and ``dout``), enough to rotate out of the cache."""
+    shapes = OPS[case.op].shapes(case)
+    set_bytes = sum(math.prod(s) for s in shapes.values() if s is not None) * case.torch_dtype.itemsize
     n_sets = min(MAX_INPUT_SETS, max(1, math.ceil(CACHE_MULTIPLE * cache_bytes(case.device) / set_bytes)))
     gen = torch.Generator(device=case.device).manual_seed(seed)
 
-    def rand(name):
-        x = torch.randn(shapes[name], generator=gen, device=case.device, dtype=case.torch_dtype)
-        return x if name == "dout" else x.requires_grad_()
+    def rand(shape, grad):
+        x = torch.randn(shape, generator=gen, device=case.device, dtype=case.torch_dtype)
+        return x.requires_grad_() if grad else x
 
-    return [Inputs(**{name: rand(name) for name in shapes}) for _ in range(n_sets)]
+    sets = []
+    for _ in range(n_sets):
+        args = tuple(rand(shape, shapes["dout"] is not None) for name, shape in shapes.items() if name != "dout")
+        sets.append(Inputs(args=args, dout=None if shapes["dout"] is None else rand(shapes["dout"], False)))
+    return sets
 
 
-def timed_call(case: Case, attn: AttentionFn, sets: Sequence[Inputs]) -> Callable[[], object]:
+def timed_call(case: Case, fn: AttentionFn, sets: Sequence[Inputs]) -> Callable[[], object]:
     """The function to time: one call of ``case.mode``, on the next input set each time.
 
     ``fwd`` gets inputs that need no gradient (and runs under ``no_grad``: the caller's job); ``bwd``
     runs every set's forward here, once, and times ``autograd.grad`` on the kept graph.
     """
     if case.mode == "fwd":
-        nxt = itertools.cycle([s.qkv_inference for s in sets]).__next__
-        return lambda: attn(*nxt())
+        nxt = itertools.cycle([s.args_inference for s in sets]).__next__
+        return lambda: fn(*nxt())
     if case.mode == "bwd":
-        graphs = itertools.cycle([(attn(*s.qkv), s) for s in sets]).__next__
+        graphs = itertools.cycle([(fn(*s.args), s) for s in sets]).__next__
 
         def backward():
             out, s = graphs()
-            return torch.autograd.grad(out, s.qkv, s.dout, retain_graph=True)
+            return torch.autograd.grad(out, s.args, s.dout, retain_graph=True)
 
         return backward
 
@@ -155,7 +176,7 @@ def timed_call(case: Case, attn: AttentionFn, sets: Sequence[Inputs]) -> Callabl
 
     def forward_backward():
         s = nxt()
-        return torch.autograd.grad(attn(*s.qkv), s.qkv, s.dout)
+        return torch.autograd.grad(fn(*s.args), s.args, s.dout)
 
     return forward_backward
 
@@ -179,12 +200,24 @@ def _free_memory(device: str) -> None:
 
 
 class _Problem:
-    """Inputs and reference of one problem, made when first needed."""
+    """Context, cost, inputs and reference of one problem, each made when first needed."""
 
     def __init__(self, case: Case, seed: int):
         self.case, self.seed = case, seed
         self.sets: list[Inputs] | None = None
         self.ref: Reference | None = None
+        self._context = self._cost = None
+        self._has_context = False
+
+    def context(self) -> object:
+        if not self._has_context:
+            self._context, self._has_context = OPS[self.case.op].context(self.case), True
+        return self._context
+
+    def cost(self) -> Cost:
+        if self._cost is None:
+            self._cost = OPS[self.case.op].cost(self.case, self.context())
+        return self._cost
 
     def inputs(self) -> list[Inputs]:
         if self.sets is None:
@@ -192,20 +225,25 @@ class _Problem:
         return self.sets
 
     def reference(self, case: Case) -> Reference:
-        self.ref = compute_reference(case, self.inputs()[0], self.ref)
+        self.ref = compute_reference(case, self.inputs()[0], self.context(), self.ref)
         return self.ref
+
+    def release(self) -> None:
+        self.sets = self.ref = self._context = None
+        self._has_context = False
 
 
 def run_one(case: Case, provider_name: str, problem: _Problem, timing: harness.TimingConfig,
             requested: bool = False) -> Row:
     """Validate, time and measure one provider on one case."""
-    row = Row.for_case(provider_name, case)
+    row = Row.for_case(provider_name, case, _safe_cost(problem))
     provider = PROVIDERS[provider_name]
     reasons = provider.not_supported_reasons(case, requested=requested)
     if reasons:
         row.status, row.reason = STATUS_SKIPPED, "; ".join(reasons)
         return row
     try:
+        problem.cost()
         sets = problem.inputs()
         ref = problem.reference(case)
     except Exception as e:
@@ -215,17 +253,21 @@ def run_one(case: Case, provider_name: str, problem: _Problem, timing: harness.T
     call = None
     failed = False
     try:
-        attn = provider.build(case)
-        row.rel_err, failure = check(case, provider_outputs(case, attn, sets[0]), ref)
+        fn = provider.build(case, problem.context(), sets[0])
+        outputs = provider_outputs(case, fn, sets[0])
+        row.rel_err, failure = check(case, outputs, ref)
+        row.kept = float(outputs["kept"]) if "kept" in outputs else _kept(case, problem)
+        del outputs
         if failure:
             row.status, row.reason = STATUS_WRONG, failure
             return row
-        call = timed_call(case, attn, sets)
+        call = timed_call(case, fn, sets)
         grad_mode = torch.no_grad() if case.mode == "fwd" else contextlib.nullcontext()
         with grad_mode:
             row.ms = harness.time_ms(call, case.device, timing)
             peak = harness.peak_memory_bytes(call, case.device)
-        row.tflops = tflops_per_s(row.flops, row.ms)
+        row.tflops = tflops_per_s(row.flops, row.ms) if row.flops else None
+        row.gbps = row.bytes / (row.ms * 1e-3) / 1e9 if row.bytes else None
         row.peak_mib = None if peak is None else peak / harness.MIB
     except unsupported_errors() as e:
         row.status, row.reason = STATUS_SKIPPED, str(e).replace("\n", " ")[:MAX_REASON_CHARS]
@@ -239,6 +281,26 @@ def run_one(case: Case, provider_name: str, problem: _Problem, timing: harness.T
     return row
 
 
+NO_COST = Cost(0, 0, 0, 0)
+
+
+def _safe_cost(problem: _Problem) -> Cost:
+    """The problem's cost, or zeros when its context cannot be made here (the row then says why)."""
+    try:
+        return problem.cost()
+    except Exception:
+        return NO_COST
+
+
+def _kept(case: Case, problem: _Problem) -> float | None:
+    """Share of the mask's blocks kept, for a sparse case."""
+    if case.op != "sparse":
+        return None
+    from bench.ops import kept_fraction
+
+    return kept_fraction(problem.context())
+
+
 def run_sweep(cases: Sequence[Case], providers: Sequence[str], *, timing: harness.TimingConfig,
               requested: Sequence[str] = (), time_budget_s: float | None = None, seed: int = 0,
               progress: bool = True) -> list[Row]:
@@ -247,7 +309,7 @@ def run_sweep(cases: Sequence[Case], providers: Sequence[str], *, timing: harnes
     ``requested``: providers named on the command line (runs what they would otherwise decline, such
     as flex on CPU). ``time_budget_s``: once spent, remaining rows are skipped.
     """
-    items = [(case, name) for case in cases for name in providers]
+    items = [(case, name) for case in cases for name in providers if case.op in PROVIDERS[name].ops]
     meter = Progress(total=len(items), enabled=progress)
     start = time.perf_counter()
     rows: list[Row] = []
@@ -257,11 +319,11 @@ def run_sweep(cases: Sequence[Case], providers: Sequence[str], *, timing: harnes
             problem = problems.get(case.problem)
             if problem is None:
                 for old in problems.values():  # one problem's tensors in memory at a time
-                    old.sets = old.ref = None
+                    old.release()
                 problems = {case.problem: _Problem(case, seed + len(rows))}
                 problem = problems[case.problem]
             if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-                row = Row.for_case(name, case)
+                row = Row.for_case(name, case, _safe_cost(problem))
                 row.status, row.reason = STATUS_SKIPPED, f"time budget of {time_budget_s:g} s spent"
             else:
                 row = run_one(case, name, problem, timing, requested=name in requested)
@@ -269,7 +331,7 @@ def run_sweep(cases: Sequence[Case], providers: Sequence[str], *, timing: harnes
             meter.report(case, row)
     except KeyboardInterrupt:
         for case, name in items[len(rows):]:
-            row = Row.for_case(name, case)
+            row = Row.for_case(name, case, NO_COST)
             row.status, row.reason = STATUS_SKIPPED, "interrupted"
             rows.append(row)
         print(f"interrupted: {len(items) - meter.done} rows not run", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Micro-benchmarks (pytest-benchmark): effattn against naive and torch SDPA at small sizes.
+"""Micro-benchmarks (pytest-benchmark): effattn against naive and torch SDPA at small sizes, for the
+attention, pooled and block-sparse ops.
 
 Not part of the test suite (``pytest tests/``). Run from the repository root::
 
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 from bench.cases import Case
-from bench.flops import attention_flops, tflops_per_s
+from bench.flops import tflops_per_s
+from bench.ops import OPS
 from bench.providers import PROVIDERS
 from bench.runner import make_inputs, timed_call
 from bench.validate import check, compute_reference, provider_outputs
@@ -33,6 +35,14 @@ SEQLENS = (256, 1024)
 MODES = ("fwd", "fwd+bwd")
 MICRO_PROVIDERS = ("naive", "sdpa", "effattn")
 SEED = 0
+# (op, causal, stride, pattern, sparsity, block) of each micro-benchmarked variant.
+VARIANTS = {
+    "dense": dict(op="attention"),
+    "causal": dict(op="attention", causal=True),
+    "pooled2": dict(op="pooled", stride=2),
+    "sparse90": dict(op="sparse", pattern="random", sparsity=0.9, block=64),
+    "documents": dict(op="sparse", pattern="documents", block=64),
+}
 
 
 def _sync() -> None:
@@ -42,17 +52,20 @@ def _sync() -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seqlen", SEQLENS)
-@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("provider", MICRO_PROVIDERS)
-def test_attention(benchmark, provider, causal, seqlen, mode):
+def test_attention(benchmark, provider, variant, seqlen, mode):
     case = Case(batch=BATCH, heads_q=HEADS, heads_kv=HEADS, seqlen_q=seqlen, seqlen_k=seqlen, headdim=HEADDIM,
-                dtype=DTYPE, causal=causal, mode=mode, device=DEVICE)
+                dtype=DTYPE, mode=mode, device=DEVICE, **{"causal": False, **VARIANTS[variant]})
     reasons = PROVIDERS[provider].not_supported_reasons(case)
     if reasons:
         pytest.skip("; ".join(reasons))
+    op = OPS[case.op]
+    context = op.context(case)
     sets = make_inputs(case, SEED)
-    attn = PROVIDERS[provider].build(case)
-    _, failure = check(case, provider_outputs(case, attn, sets[0]), compute_reference(case, sets[0]))
+    attn = PROVIDERS[provider].build(case, context, sets[0])
+    reference = compute_reference(case, sets[0], context)
+    _, failure = check(case, provider_outputs(case, attn, sets[0]), reference)
     assert failure is None, f"{provider} on {case.label()}: {failure}"
 
     call = timed_call(case, attn, sets)
@@ -63,8 +76,8 @@ def test_attention(benchmark, provider, causal, seqlen, mode):
             call()
         _sync()
 
-    flops = attention_flops(BATCH, HEADS, seqlen, seqlen, HEADDIM, causal, mode)
-    benchmark.group = f"{mode} {'causal' if causal else 'dense'} T={seqlen} {DTYPE} {DEVICE}"
+    flops = op.cost(case, context).flops(mode)
+    benchmark.group = f"{mode} {variant} T={seqlen} {DTYPE} {DEVICE}"
     benchmark.extra_info.update(case=case.label(), flops=flops)
     benchmark(run)
     if benchmark.stats is not None:  # None under --benchmark-disable (one plain call)

@@ -13,16 +13,28 @@ Bytes are the minimum a fused kernel moves through memory: its inputs read once,
 written once (``lse`` as float32); ``naive_bytes`` adds the ``Tq x Tk`` scores and probabilities a
 materialising implementation writes and reads. After ``import effattn``, ``FlopCounterMode`` counts
 effattn's ops with these formulas.
+
+Measured (:func:`measure`, :func:`measure_ceilings`, :func:`roofline_plot`): the time of a call of
+an op or a whole model (:mod:`effattn.timing`: CUDA events or ``torch.utils.benchmark``), its peak
+memory, its FLOPs (given, or counted by ``FlopCounterMode`` over one call, effattn's ops included),
+and the achieved TFLOP/s and GB/s against the device's ceilings measured here: a large matmul
+and a large copy.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-__all__ = ["AttentionCost", "attention_cost", "kept_pairs", "visible_pairs"]
+from effattn import timing as _timing
+
+__all__ = ["AttentionCost", "Ceilings", "Measurement", "attention_cost", "count_flops", "kept_pairs", "measure",
+           "measure_ceilings", "roofline_plot", "visible_pairs"]
 
 LSE_BYTES = 4  # lse and delta are float32 rows
 
@@ -166,3 +178,180 @@ def _register_sparse() -> None:
 
 _register()
 _register_sparse()
+
+
+# ----------------------------------------------------------------------------------------------
+# measured: time, achieved rates, device ceilings, roofline
+# ----------------------------------------------------------------------------------------------
+# Ceiling measurements: square matmul side and copied bytes, per device type.
+CEILING_MATMUL_N = {"cuda": 8192, "cpu": 1024}
+CEILING_COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 27}
+# Roofline plot size and resolution.
+ROOFLINE_INCHES = (6.0, 4.5)
+ROOFLINE_DPI = 100
+
+
+def _device(device) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.device(device).type
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is cuda, but torch.cuda.is_available() is False")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """What the device reached here: a ``(n, n) @ (n, n)`` matmul in ``dtype`` and a copy of ``copy_bytes``."""
+
+    device: str
+    device_name: str
+    dtype: str
+    matmul_tflops: float
+    copy_gbps: float  # bytes read + written per second, 1e9
+
+    @property
+    def ridge_intensity(self) -> float:
+        """FLOP/byte where the bandwidth roof meets the compute roof."""
+        return self.matmul_tflops * 1e12 / (self.copy_gbps * 1e9)
+
+
+def measure_ceilings(device=None, dtype: torch.dtype | None = None,
+                     config: _timing.TimingConfig | None = None) -> Ceilings:
+    """Measure the matmul and copy ceilings of ``device`` (default: CUDA when present, else CPU).
+
+    ``dtype``: of the matmul (default bfloat16 on CUDA, float32 on CPU). Sizes: :data:`CEILING_MATMUL_N`,
+    :data:`CEILING_COPY_BYTES`; timing as :func:`effattn.timing.time_ms`."""
+    dev = _device(device)
+    dtype = dtype or (torch.bfloat16 if dev == "cuda" else torch.float32)
+    config = config or _timing.TimingConfig()
+    n = CEILING_MATMUL_N[dev]
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    mm_ms = _timing.time_ms(lambda: a @ b, dev, config)
+    src = torch.empty(CEILING_COPY_BYTES[dev] // 4, device=dev, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    copy_ms = _timing.time_ms(lambda: dst.copy_(src), dev, config)
+    moved = 2 * src.nbytes
+    name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
+    return Ceilings(device=dev, device_name=name, dtype=str(dtype).removeprefix("torch."),
+                    matmul_tflops=2 * n**3 / (mm_ms * 1e-3) / 1e12, copy_gbps=moved / (copy_ms * 1e-3) / 1e9)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured call: median ``ms``, ``flops`` and ``bytes`` of one call (None: unknown), peak memory."""
+
+    label: str
+    ms: float
+    flops: int | None
+    bytes: int | None
+    peak_bytes: int | None
+    ceilings: Ceilings | None = None
+
+    @property
+    def tflops(self) -> float | None:
+        return None if self.flops is None else self.flops / (self.ms * 1e-3) / 1e12
+
+    @property
+    def gbps(self) -> float | None:
+        return None if self.bytes is None else self.bytes / (self.ms * 1e-3) / 1e9
+
+    @property
+    def intensity(self) -> float | None:
+        """FLOP/byte (None without both counts)."""
+        return None if not self.flops or not self.bytes else self.flops / self.bytes
+
+    @property
+    def compute_fraction(self) -> float | None:
+        """Achieved TFLOP/s over the matmul ceiling."""
+        return None if self.tflops is None or self.ceilings is None else self.tflops / self.ceilings.matmul_tflops
+
+    @property
+    def bandwidth_fraction(self) -> float | None:
+        """Achieved GB/s over the copy ceiling."""
+        return None if self.gbps is None or self.ceilings is None else self.gbps / self.ceilings.copy_gbps
+
+    def __str__(self) -> str:
+        parts = [f"{self.label or 'call'}: {self.ms:.4g} ms"]
+        if self.tflops is not None:
+            frac = "" if self.compute_fraction is None else f" ({self.compute_fraction:.1%} of matmul)"
+            parts.append(f"{self.tflops:.4g} TFLOP/s{frac}")
+        if self.gbps is not None:
+            frac = "" if self.bandwidth_fraction is None else f" ({self.bandwidth_fraction:.1%} of copy)"
+            parts.append(f"{self.gbps:.4g} GB/s{frac}")
+        if self.peak_bytes is not None:
+            parts.append(f"peak {self.peak_bytes / _timing.MIB:.4g} MiB")
+        return ", ".join(parts)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them (effattn's ops
+    by the formulas of this module; a backward inside ``fn`` included)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def measure(fn: Callable[[], object], *, label: str = "", flops: int | None = None, bytes: int | None = None,
+            count: bool = True, device=None, ceilings: Ceilings | None = None,
+            config: _timing.TimingConfig | None = None) -> Measurement:
+    """Time ``fn`` (no arguments: an op call, a model's forward, a training step) and measure its peak memory.
+
+    ``flops``: of one call; when None and ``count``, counted with :func:`count_flops` (None when it counts
+    nothing: an op without a registered formula, such as torch's CPU SDPA). ``bytes``: of one
+    call (e.g. ``attention_cost(...).fwd_bytes``); None leaves GB/s unknown. ``ceilings``: from
+    :func:`measure_ceilings` on the same device, for the achieved fractions."""
+    dev = _device(device)
+    if flops is None and count:
+        flops = count_flops(fn) or None  # 0: FlopCounterMode has no formula for what ran (e.g. CPU SDPA)
+    for name, value in (("flops", flops), ("bytes", bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+    config = config or _timing.TimingConfig()
+    ms = _timing.time_ms(fn, dev, config)
+    peak = _timing.peak_memory_bytes(fn, dev)
+    return Measurement(label=label, ms=ms, flops=flops, bytes=bytes, peak_bytes=peak, ceilings=ceilings)
+
+
+def roofline_plot(measurements: Sequence[Measurement], path, ceilings: Ceilings, title: str = "") -> Path:
+    """Write a roofline PNG to ``path``: ``min(matmul ceiling, copy ceiling x intensity)`` against arithmetic
+    intensity (log-log) and each measurement with both counts as a point, one colour per label. Needs
+    matplotlib."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("roofline_plot needs matplotlib (pip install matplotlib)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [m for m in measurements if m.intensity is not None and m.tflops]
+    intensities = [m.intensity for m in points] + [ceilings.ridge_intensity]
+    lo = 10 ** math.floor(math.log10(min(intensities) / 4))
+    hi = 10 ** math.ceil(math.log10(max(intensities) * 4))
+    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    roof = [min(ceilings.matmul_tflops, ceilings.copy_gbps * 1e9 * x / 1e12) for x in xs]
+    fig, ax = plt.subplots(figsize=ROOFLINE_INCHES)
+    ax.plot(xs, roof, "k-", linewidth=1.5,
+            label=f"roof: {ceilings.matmul_tflops:.3g} TFLOP/s ({ceilings.dtype} matmul), "
+                  f"{ceilings.copy_gbps:.3g} GB/s (copy)")
+    labels = list(dict.fromkeys(m.label or "call" for m in points))  # one colour and legend entry per label
+    for i, label in enumerate(labels):
+        mine = [m for m in points if (m.label or "call") == label]
+        ax.plot([m.intensity for m in mine], [m.tflops for m in mine], "o", color=f"C{i % 10}", label=label,
+                markersize=4, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if points:
+        ax.set_ylim(min(m.tflops for m in points) / 3, ceilings.matmul_tflops * 2)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(title or f"roofline, {ceilings.device_name}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=ROOFLINE_DPI)
+    plt.close(fig)
+    return path

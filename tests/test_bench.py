@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from bench import bench_attention
-from bench.cases import PRESETS, expand
+from bench.cases import OP_NAMES, PRESETS, expand
 from bench.flops import attention_flops, visible_pairs
+from bench.ops import OPS
 from bench.providers import PROVIDERS, NotSupportedError, Provider
-from bench.runner import STATUS_ERROR, STATUS_OK, STATUS_OOM, STATUS_SKIPPED, STATUS_WRONG, run_sweep
+from bench.runner import STATUS_ERROR, STATUS_OK, STATUS_OOM, STATUS_SKIPPED, STATUS_WRONG, Progress, Row, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_STATUSES = {"ok", "skipped", "WRONG", "OOM", "error"}
@@ -23,17 +24,28 @@ DEVICE = os.environ.get("EFFATTN_TEST_DEVICE") or ("cuda" if torch.cuda.is_avail
 
 
 def _run_cli(tmp_path, *args):
-    rc = bench_attention.main(["--preset", "tiny", "--out", str(tmp_path), "--quiet", *args])
+    rc = bench_attention.main(["--preset", "tiny", "--seqlen", "64", "--out", str(tmp_path), "--quiet", *args])
     return rc, json.loads((tmp_path / "attention.json").read_text())
+
+
+def _case(row):
+    return Row(**row).case()
 
 
 def _check_rows(rows, device):
     for row in rows:
         assert row["status"] in ROW_STATUSES, row
-        if row["status"] == STATUS_OK:
-            assert row["ms"] > 0 and row["tflops"] > 0, row
+        case = _case(row)
+        cost = OPS[case.op].cost(case, OPS[case.op].context(case))
+        assert row["flops"] == cost.flops(row["mode"]) and row["bytes"] == cost.bytes(row["mode"]), row
+        if row["op"] == "attention":
             assert row["flops"] == attention_flops(row["batch"], row["heads_q"], row["seqlen_q"], row["seqlen_k"],
                                                    row["headdim"], row["causal"], row["mode"])
+        if row["status"] == STATUS_OK:
+            assert row["ms"] > 0 and row["gbps"] > 0, row
+            assert (row["tflops"] is None) == (row["op"] == "predict"), row
+            assert row["tflops"] is None or row["tflops"] > 0, row
+            assert (row["kept"] is not None) == (row["op"] in ("sparse", "predict")), row
         else:
             assert row["reason"], row
         if row["provider"] in TORCH_PROVIDERS:
@@ -48,9 +60,7 @@ def _check_speedups(rows):
     """speedup_naive = naive's time / the row's; speedup_peer = the fastest torch peer's time / the row's."""
     by_case = {}
     for r in rows:
-        key = (r["mode"], r["dtype"], r["batch"], r["heads_q"], r["heads_kv"], r["seqlen_q"], r["seqlen_k"],
-               r["headdim"], r["causal"])
-        by_case.setdefault(key, []).append(r)
+        by_case.setdefault(_case(r), []).append(r)
     for group in by_case.values():
         ok = {r["provider"]: r for r in group if r["status"] == STATUS_OK}
         peers = [r for name, r in ok.items() if PROVIDERS[name].peer]
@@ -76,12 +86,21 @@ def test_cli_tiny_cpu_writes_valid_files(tmp_path, capsys):
     for key in ("hostname", "device_name", "torch", "python", "date_utc", "command", "git_commit", "timing"):
         assert key in meta
     assert meta["device"] == "cpu" and "--preset tiny" in meta["command"]
-    assert len(rows) == len(expand(PRESETS["tiny"], "cpu")) * len(PROVIDERS)
+    assert meta["ceilings"]["matmul_tflops"] > 0 and meta["ceilings"]["copy_gbps"] > 0
+    cases = [c for c in expand(PRESETS["tiny"], "cpu") if c.seqlen_q == 64]
+    assert len(rows) == sum(case.op in p.ops for case in cases for p in PROVIDERS.values())
     _check_rows(rows, "cpu")
     assert {r["provider"] for r in rows if r["status"] == STATUS_SKIPPED} >= {"effattn-triton", "flex"}
     naive_ok = [r for r in rows if r["provider"] == "naive" and r["status"] == STATUS_OK]
     assert all(r["speedup_naive"] == pytest.approx(1.0) for r in naive_ok)
-    assert all(r["best_peer"] == "sdpa" for r in naive_ok)
+    assert all(r["best_peer"] == "sdpa" for r in naive_ok if r["op"] in ("attention", "pooled", "sparse"))
+    # every op ran, effattn (or its predictors) included
+    for op in OP_NAMES:
+        ran = {r["provider"] for r in rows if r["op"] == op and r["status"] == STATUS_OK}
+        assert "naive" in ran and ran & {"effattn", "gate", "sparsefinder"}, (op, ran)
+    assert {r["stride"] for r in rows if r["op"] == "pooled"} == {2}
+    assert {r["pattern"] for r in rows if r["op"] == "sparse"} == {"random", "documents"}
+    assert "effattn" in printed.split("Summary:")[1]
 
     with (tmp_path / "attention.csv").open(newline="") as f:
         csv_rows = list(csv.DictReader(f))
@@ -91,18 +110,19 @@ def test_cli_tiny_cpu_writes_valid_files(tmp_path, capsys):
 
     markdown = (tmp_path / "attention.md").read_text()
     assert markdown.startswith("# ")
-    assert "| provider | mode |" in markdown and "|---|" in markdown
+    assert "| provider | op | mode |" in markdown and "|---|" in markdown and "## Summary" in markdown
 
     pngs = sorted(tmp_path.glob("*.png"))
     if importlib.util.find_spec("matplotlib") is None:
         assert not pngs
     else:
-        assert [p.name for p in pngs] == ["attention_memory.png", "attention_tflops.png", "attention_time.png"]
+        assert [p.name for p in pngs] == ["attention_memory.png", "attention_roofline.png", "attention_sparse.png",
+                                          "attention_tflops.png", "attention_time.png"]
         assert all(p.read_bytes().startswith(PNG_MAGIC) for p in pngs)
 
 
 def test_cli_backward_alone(tmp_path):
-    rc, doc = _run_cli(tmp_path, "--device", "cpu", "--mode", "bwd", "--seqlen", "64", "--no-plots",
+    rc, doc = _run_cli(tmp_path, "--device", "cpu", "--mode", "bwd", "--no-plots", "--no-ceilings",
                        "--providers", "naive", "sdpa", "effattn")
     assert rc == 0
     assert {r["mode"] for r in doc["rows"]} == {"bwd"}
@@ -111,10 +131,40 @@ def test_cli_backward_alone(tmp_path):
 
 
 def test_cli_time_budget_skips_the_rest(tmp_path):
-    rc, doc = _run_cli(tmp_path, "--device", "cpu", "--time-budget", "1e-9", "--no-plots")
+    rc, doc = _run_cli(tmp_path, "--device", "cpu", "--time-budget", "1e-9", "--no-plots", "--no-ceilings")
     assert rc == 0
     assert doc["rows"] and all(r["status"] == STATUS_SKIPPED for r in doc["rows"][1:])
     assert any("time budget" in r["reason"] for r in doc["rows"])
+
+
+def test_cli_one_op_and_its_axes(tmp_path):
+    rc, doc = _run_cli(tmp_path, "--device", "cpu", "--op", "pooled", "sparse", "--stride", "3", "--pattern",
+                       "random", "--sparsity", "0.25", "0.75", "--block", "32", "--mode", "fwd", "--no-plots",
+                       "--no-ceilings", "--providers", "naive", "effattn")
+    assert rc == 0
+    rows = doc["rows"]
+    _check_rows(rows, "cpu")
+    assert {(r["op"], r["stride"]) for r in rows if r["op"] == "pooled"} == {("pooled", 3)}
+    sparse = [r for r in rows if r["op"] == "sparse"]
+    assert {(r["sparsity"], r["block"]) for r in sparse} == {(0.25, 32), (0.75, 32)}
+    assert all(r["status"] == STATUS_OK for r in rows)
+    # the random masks keep round((1 - sparsity) * nKb) of 2 kv blocks per q block
+    assert sorted({r["kept"] for r in sparse}) == [0.5, 1.0]
+
+
+def test_progress_bar(capsys):
+    import io
+
+    stream = io.StringIO()
+    meter = Progress(total=4, stream=stream)
+    case = expand(PRESETS["tiny"], "cpu")[0]
+    row = Row.for_case("naive", case, OPS[case.op].cost(case, None))
+    row.ms = 1.5
+    for _ in range(2):
+        meter.report(case, row)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[#####" + "." * 15 + "] 1/4") and "s left" in lines[0]
+    assert lines[1].startswith("[" + "#" * 10 + "." * 10 + "] 2/4") and "1.500 ms" in lines[1]
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -132,7 +182,7 @@ class _FakeProvider(Provider):
     def __init__(self, name, behaviour):
         self.name, self.behaviour = name, behaviour
 
-    def build(self, case):
+    def build(self, case, context=None, sample=None):
         def attn(q, k, v):
             if self.behaviour == "wrong":
                 return torch.zeros_like(q)
@@ -208,6 +258,11 @@ def test_attention_flops_convention():
     (["--causal", "maybe"], "--causal"),
     (["--batch", "2", "--tokens", "4096"], "--tokens"),
     (["--heads", "6", "--gqa", "4"], "--gqa"),
+    (["--op", "convolution"], "--op"),
+    (["--sparsity", "1.5"], "--sparsity"),
+    (["--block", "24"], "--block"),
+    (["--pattern", "checkerboard"], "--pattern"),
+    (["--stride", "0"], "--stride"),
 ])
 def test_bad_arguments(args, named, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -223,3 +278,34 @@ def test_cuda_asked_for_without_gpu(capsys):
         bench_attention.main(["--device", "cuda"])
     assert exc.value.code == 2
     assert "--device" in capsys.readouterr().err
+
+
+def test_micro_benchmark_suite_runs(tmp_path):
+    """The pytest-benchmark suite under bench/ (separate from this suite) collects and runs: one variant per op."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/test_micro.py", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "--benchmark-json", str(tmp_path / "micro.json"), "--benchmark-min-rounds=1", "--benchmark-max-time=0.01",
+         "-k", "effattn and 256 and fwd and not bwd"],
+        cwd=root, env={**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},  # not an xdist worker
+                       "PYTHONPATH": root, "BENCH_DEVICE": "cpu"}, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    doc = json.loads((tmp_path / "micro.json").read_text())
+    groups = {b["group"] for b in doc["benchmarks"]}
+    assert {"fwd dense T=256 fp32 cpu", "fwd pooled2 T=256 fp32 cpu", "fwd sparse90 T=256 fp32 cpu"} <= groups
+    assert all(b["extra_info"]["flops"] > 0 for b in doc["benchmarks"])
+
+
+def test_console_script_entry_point(tmp_path, monkeypatch, capsys):
+    from effattn import bench_cli
+
+    assert bench_cli.main(["--device", "cpu", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "presets:" in listing and "h100-ops" in listing and "sparsefinder" in listing
+    monkeypatch.setattr(bench_cli, "REPO_ROOT", tmp_path)  # as from an installed wheel: no bench/ beside
+    assert bench_cli.main(["--list"]) == 2
+    assert "pip install -e ." in capsys.readouterr().err

@@ -74,3 +74,70 @@ def test_bytes_and_intensity():
     assert cost.naive_fwd_bytes > 10 * cost.fwd_bytes
     assert cost.fwd_intensity == pytest.approx(cost.fwd_flops / cost.fwd_bytes)
     assert cost.bwd_flops == cost.fwd_flops * 5 // 2
+
+
+# ----------------------------------------------------------------------------------------------
+# measured: time, rates, ceilings, roofline
+# ----------------------------------------------------------------------------------------------
+from effattn import profile as P  # noqa: E402
+from effattn.timing import TimingConfig  # noqa: E402
+
+FAST = TimingConfig(cpu_min_run_time_s=0.01)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_measure_counts_flops_and_rates():
+    q, k, v = make_qkv(B=1, Hq=2, Tq=64, D=16, dtype=torch.float32, requires_grad=False)
+    cost = attention_cost(1, 2, 2, 64, 64, 16, 16, 64 * 64, element_bytes=4)
+    ceilings = P.Ceilings("cpu", "CPU", "float32", matmul_tflops=1.0, copy_gbps=10.0)
+    m = P.measure(lambda: effattn.flash_attention(q, k, v), label="flash", bytes=cost.fwd_bytes, ceilings=ceilings,
+                  config=FAST)
+    assert m.flops == cost.fwd_flops and m.bytes == cost.fwd_bytes and m.ms > 0
+    assert m.tflops == pytest.approx(cost.fwd_flops / (m.ms * 1e-3) / 1e12)
+    assert m.gbps == pytest.approx(cost.fwd_bytes / (m.ms * 1e-3) / 1e9)
+    assert m.intensity == pytest.approx(cost.fwd_intensity)
+    assert m.compute_fraction == pytest.approx(m.tflops / 1.0) and m.bandwidth_fraction == pytest.approx(m.gbps / 10)
+    assert m.peak_bytes is None or m.peak_bytes >= q.nbytes  # the output at least
+    assert "flash:" in str(m) and "TFLOP/s" in str(m) and "of copy" in str(m)
+    unknown = P.measure(lambda: effattn.flash_attention(q, k, v), count=False, config=FAST)
+    assert unknown.flops is None and unknown.tflops is None and unknown.intensity is None
+
+
+def test_measure_a_model_training_step():
+    """A whole model: FlopCounterMode counts its linear layers and effattn's op, forward and backward."""
+    B, H, T, D = 2, 2, 40, 8
+    proj = torch.nn.Linear(H * D, 3 * H * D, bias=False)
+    x = torch.randn(B, T, H * D)
+
+    def step():
+        q, k, v = proj(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+        effattn.flash_attention(q, k, v, causal=True).sum().backward()
+
+    m = P.measure(step, config=FAST)
+    linear = 2 * B * T * (H * D) * (3 * H * D)
+    cost = attention_cost(B, H, H, T, T, D, D, visible_pairs(T, T, -1, 0, 0))
+    # forward linear + its weight gradient (x needs no gradient) + the attention forward and backward
+    assert m.flops == 2 * linear + cost.fwd_flops + cost.bwd_flops
+
+
+def test_measure_rejects_bad_counts_and_devices():
+    with pytest.raises(ValueError, match="flops"):
+        P.measure(lambda: None, flops=-1, config=FAST)
+    with pytest.raises(ValueError, match="bytes"):
+        P.measure(lambda: None, bytes=1.5, count=False, config=FAST)
+    with pytest.raises(ValueError, match="device"):
+        P.measure(lambda: None, device="meta", count=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            P.measure_ceilings("cuda")
+
+
+def test_ceilings_and_roofline(tmp_path):
+    ceilings = P.measure_ceilings("cpu", config=FAST)
+    assert ceilings.device == "cpu" and ceilings.matmul_tflops > 0 and ceilings.copy_gbps > 0
+    assert ceilings.ridge_intensity == pytest.approx(ceilings.matmul_tflops * 1e3 / ceilings.copy_gbps)
+    points = [P.Measurement("a", ms=1.0, flops=10**9, bytes=10**7, peak_bytes=None),
+              P.Measurement("b", ms=2.0, flops=10**8, bytes=10**8, peak_bytes=None),
+              P.Measurement("no bytes", ms=1.0, flops=10**9, bytes=None, peak_bytes=None)]
+    path = P.roofline_plot(points, tmp_path / "roof.png", ceilings)
+    assert path.read_bytes().startswith(PNG_MAGIC)

@@ -1,0 +1,372 @@
+"""What each benchmarked op computes, its inputs, its reference and the work it must do.
+
+One :class:`Op` per name of :data:`bench.cases.OPS`. An op says:
+
+* :meth:`Op.shapes`: the differentiable inputs (``args``, in call order) and ``dout``, the gradient
+  the backward modes push through the output (``None``: forward only);
+* :meth:`Op.context`: what every provider of one problem shares and that is not a random input: the
+  :class:`effattn.BlockMask` of a sparse case, the Funnel layer's weights (deterministic, seeded);
+* :meth:`Op.cost`: FLOPs and minimal bytes (:class:`effattn.profile.AttentionCost` conventions:
+  FlashAttention's FLOP count of the pairs the op must compute, the inputs read and outputs
+  written once), by mode;
+* :meth:`Op.reference`: the output (and gradients) every provider is checked against, computed in
+  float64 (float32 for half-precision inputs on CUDA) with effattn's reference or, for the Funnel
+  layer, Hugging Face's layer in that precision.
+
+Counting, per op (``bench.flops`` for the FLOP convention):
+
+* ``attention``: the visible pairs (causal: exact, bottom-right).
+* ``pooled``: ``Tp * T`` pairs of the ``Tp`` pooled queries; q is read at full length.
+* ``sparse``: the elements of the mask's kept blocks (what a block-sparse kernel computes; partial
+  blocks count in full), plus the index lists read.
+* ``funnel``: an ordinary attention layer of the same shape: the four ``d_model x d_model``
+  projections (q on the pooled rows) and the content attention of ``Tp x T`` pairs. The relative
+  position and token-type terms are extra work no provider is credited for (Hugging Face's eager
+  code and effattn's fused features do them differently). Backward: twice the projections (input
+  and weight gradients), 2.5 times the attention.
+* ``predict``: no FLOP count (the predictors' work is small and not matmul-shaped); bytes: q and k
+  read once.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from bench.cases import Case
+
+# Seed of a problem's deterministic context (masks, layer weights): the same for every provider and run.
+CONTEXT_SEED = 0
+# Funnel layer: feed-forward width, the share of the last sequence that is padding, token types.
+FUNNEL_INNER_MULTIPLE = 4
+FUNNEL_PAD_FRACTION = 4  # the last quarter of the last sequence is padding
+FUNNEL_WEIGHT_STD = 0.05
+# Predictors in the predict op: SparseFinder's low rank and cluster count, the gate's width.
+SPARSEFINDER_RANK = 4
+SPARSEFINDER_CLUSTERS = 16
+GATE_DIM = 32
+# Linear layers: backward FLOPs (input and weight gradients) over forward FLOPs.
+LINEAR_BWD_FACTOR = 2
+ATTENTION_BWD_FACTOR = 2.5
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs and minimal bytes of one call, forward and backward (the backward alone)."""
+
+    fwd_flops: int
+    bwd_flops: int
+    fwd_bytes: int
+    bwd_bytes: int
+
+    def flops(self, mode: str) -> int:
+        return {"fwd": self.fwd_flops, "bwd": self.bwd_flops, "fwd+bwd": self.fwd_flops + self.bwd_flops}[mode]
+
+    def bytes(self, mode: str) -> int:
+        return {"fwd": self.fwd_bytes, "bwd": self.bwd_bytes, "fwd+bwd": self.fwd_bytes + self.bwd_bytes}[mode]
+
+
+@dataclass
+class Reference:
+    """Reference output and, once asked for, the gradients of ``args`` (``lse`` where the op has one)."""
+
+    out: torch.Tensor
+    lse: torch.Tensor | None = None
+    grads: tuple[torch.Tensor, ...] | None = None
+
+
+def reference_dtype(case: Case) -> torch.dtype:
+    """float64, except half-precision inputs on CUDA: float32 (its error is far below half tolerances)."""
+    half = case.torch_dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if half and case.device == "cuda" else torch.float64
+
+
+def _scale(case: Case) -> float:
+    return 1.0 / math.sqrt(case.headdim)
+
+
+class Op(abc.ABC):
+    """One benchmarked operation (see the module docstring)."""
+
+    name = ""
+    grad_names: tuple[str, ...] = ("dq", "dk", "dv")
+    # Tolerances are the project's table (effattn.testing.TOLERANCES) times this.
+    tolerance_factor = 1.0
+
+    def shapes(self, case: Case) -> dict[str, tuple[int, ...] | None]:
+        """``{arg name: shape, ..., "dout": shape or None}``."""
+        B, Hq, Hkv, Tq, Tk, D = (case.batch, case.heads_q, case.heads_kv, case.seqlen_q, case.seqlen_k,
+                                 case.headdim)
+        return {"q": (B, Hq, Tq, D), "k": (B, Hkv, Tk, D), "v": (B, Hkv, Tk, D),
+                "dout": (B, Hq, self.out_len(case), D)}
+
+    def out_len(self, case: Case) -> int:
+        return case.seqlen_q
+
+    def context(self, case: Case) -> object:
+        return None
+
+    @abc.abstractmethod
+    def cost(self, case: Case, context: object) -> Cost:
+        """FLOPs and minimal bytes of one call."""
+
+    @abc.abstractmethod
+    def reference(self, case: Case, args: tuple[torch.Tensor, ...], dout: torch.Tensor | None, context: object,
+                  ref: Reference | None) -> Reference:
+        """The reference on ``args`` (upcast here); gradients added when ``case`` needs them (reusing ``ref``)."""
+
+
+def _attention_cost(case: Case, pairs_per_head: int, out_len: int, q_rows: int | None = None):
+    from effattn.profile import attention_cost
+
+    return attention_cost(case.batch, case.heads_q, case.heads_kv, out_len, case.seqlen_k, case.headdim,
+                          case.headdim, pairs_per_head, case.torch_dtype.itemsize, q_rows=q_rows)
+
+
+def _as_cost(c, extra_bytes: int = 0) -> Cost:
+    return Cost(c.fwd_flops, c.bwd_flops, c.fwd_bytes + extra_bytes, c.bwd_bytes + extra_bytes)
+
+
+class AttentionOp(Op):
+    name = "attention"
+
+    def _mask(self, case: Case) -> dict:
+        return dict(scale=_scale(case), window_right=0 if case.causal else -1,
+                    diag_offset=case.seqlen_k - case.seqlen_q)
+
+    def cost(self, case, context):
+        from bench.flops import visible_pairs
+
+        return _as_cost(_attention_cost(case, visible_pairs(case.seqlen_q, case.seqlen_k, case.causal),
+                                        case.seqlen_q))
+
+    def reference(self, case, args, dout, context, ref):
+        from effattn.reference import attention_backward, attention_forward
+
+        dt = reference_dtype(case)
+        q, k, v = (x.detach().to(dt) for x in args)
+        if ref is None:
+            out, lse = attention_forward(q, k, v, **self._mask(case))
+            ref = Reference(out=out, lse=lse)
+        if case.needs_grad and ref.grads is None:
+            ref.grads = attention_backward(dout.to(dt), q, k, v, ref.out, ref.lse, **self._mask(case))
+        return ref
+
+
+def query_pool(case: Case):
+    """Funnel's pooling of the queries in a pooled case: mean, ``stride``, [cls] apart, truncated."""
+    from effattn.reference import QueryPool
+
+    return QueryPool(case.stride, "mean", separate_cls=True, truncate=True)
+
+
+class PooledOp(Op):
+    name = "pooled"
+
+    def out_len(self, case):
+        return query_pool(case).pooled_len(case.seqlen_q)
+
+    def cost(self, case, context):
+        tp = self.out_len(case)
+        return _as_cost(_attention_cost(case, tp * case.seqlen_k, tp, q_rows=case.seqlen_q))
+
+    def reference(self, case, args, dout, context, ref):
+        from effattn.reference import attention_backward, attention_forward
+
+        dt = reference_dtype(case)
+        q, k, v = (x.detach().to(dt) for x in args)
+        kw = dict(scale=_scale(case), pool=query_pool(case))
+        if ref is None:
+            ref = Reference(*attention_forward(q, k, v, **kw))
+        if case.needs_grad and ref.grads is None:
+            ref.grads = attention_backward(dout.to(dt), q, k, v, ref.out, ref.lse, **kw)
+        return ref
+
+
+@functools.lru_cache(maxsize=8)
+def sparse_mask(case: Case):
+    """The :class:`effattn.BlockMask` of a sparse case (``case.problem``), deterministic (seed :data:`CONTEXT_SEED`).
+
+    ``random``: per head, ``max(1, round((1 - sparsity) * nKb))`` kv blocks of every query-block row
+    kept (the diagonal's among them), all FULL; the structured patterns as in
+    :func:`bench.bench_sparse.structured_masks` (``sliding``: a causal window of ``T/8`` tokens).
+    """
+    from bench.bench_sparse import random_mask, structured_masks
+
+    block = (case.block, case.block)
+    T = case.seqlen_q
+    if case.pattern == "random":
+        gen = torch.Generator().manual_seed(CONTEXT_SEED)
+        return random_mask(case.heads_q, T, block, 1.0 - case.sparsity, gen, case.device)
+    builders = structured_masks(case.batch, case.heads_q, T, block, case.device)
+    name = {"sliding": "sliding T/8"}.get(case.pattern, case.pattern)
+    if name not in builders:
+        raise ValueError(f"sparse pattern must be one of random, {', '.join(builders)}; got {case.pattern!r}")
+    return builders[name]()
+
+
+def kept_fraction(block_mask) -> float:
+    """Share of the mask's (b, h, q block, kv block) grid kept (PARTIAL or FULL)."""
+    grid = block_mask.num_q_blocks * block_mask.num_kv_blocks
+    return float(block_mask.kept_blocks().double().mean()) / grid
+
+
+class SparseOp(Op):
+    name = "sparse"
+
+    def context(self, case):
+        return sparse_mask(case.problem)
+
+    def cost(self, case, context):
+        from effattn.block_mask import _LIST_NAMES
+        from effattn.profile import kept_pairs
+
+        pairs = int(kept_pairs(context).expand(case.batch, case.heads_q).sum())
+        base = _attention_cost(case, 0, case.seqlen_q)
+        lists = sum(getattr(context, name).nbytes for name in _LIST_NAMES)
+        D = case.headdim
+        return Cost(fwd_flops=2 * pairs * 2 * D, bwd_flops=2 * pairs * 5 * D,
+                    fwd_bytes=base.fwd_bytes + lists, bwd_bytes=base.bwd_bytes + lists)
+
+    def reference(self, case, args, dout, context, ref):
+        from effattn.backends import BACKENDS
+
+        backend = BACKENDS["reference"]
+        dt = reference_dtype(case)
+        q, k, v = (x.detach().to(dt) for x in args)
+        if ref is None:
+            ref = Reference(*backend.sparse_forward(q, k, v, context, None, scale=_scale(case)))
+        if case.needs_grad and ref.grads is None:
+            ref.grads = backend.sparse_backward(dout.to(dt), q, k, v, ref.out, ref.lse, None, context, None,
+                                                scale=_scale(case))
+        return ref
+
+
+@dataclass
+class FunnelContext:
+    """Hugging Face's Funnel layer and attention structure, effattn's fused copies, and the layer's inputs."""
+
+    layer: torch.nn.Module
+    structure: torch.nn.Module
+    fused: torch.nn.Module
+    fused_structure: torch.nn.Module
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+
+    def call(self, fused: bool):
+        """``x (B, T, d_model) -> (B, Tp, d_model)``: the pooling layer's attention, Hugging Face's or fused."""
+        layer, structure = (self.fused, self.fused_structure) if fused else (self.layer, self.structure)
+        mask, types = self.attention_mask, self.token_type_ids
+
+        def forward(x):
+            inputs = structure.init_attention_inputs(x, attention_mask=mask.to(x.dtype), token_type_ids=types)
+            pooled, inputs = structure.pre_attention_pooling(x, inputs)
+            (out,) = layer(pooled, x, x, inputs)
+            return out
+
+        return forward
+
+
+def funnel_layers(d_model: int, n_head: int, d_head: int, device, dtype,
+                  attention_type: str = "relative_shift") -> tuple:
+    """``(layer, structure, fused layer, fused structure)``: Hugging Face's Funnel attention (block 1: the
+    first pooling layer; weights seeded, the same for both attention types) and effattn's patched copies."""
+    from transformers import FunnelConfig
+    from transformers.models.funnel import modeling_funnel as mf
+
+    from effattn.integrations import funnel as ef
+
+    cfg = FunnelConfig(d_model=d_model, n_head=n_head, d_head=d_head, d_inner=FUNNEL_INNER_MULTIPLE * d_model,
+                       block_sizes=[1, 1, 1], attention_type=attention_type, hidden_dropout=0.0,
+                       attention_dropout=0.0)
+    layer = mf.FunnelRelMultiheadAttention(cfg, block_index=1)
+    gen = torch.Generator().manual_seed(CONTEXT_SEED)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * FUNNEL_WEIGHT_STD)
+    layer = layer.to(device, dtype).eval()
+    fused = ef.patch(copy.deepcopy(layer))
+    structure = mf.FunnelAttentionStructure(cfg).eval()
+    fused_structure = copy.deepcopy(structure)
+    fused_structure.__class__ = ef._fused()["structure"]
+    return layer, structure, fused, fused_structure
+
+
+class FunnelOp(Op):
+    name = "funnel"
+    grad_names = ("dx",)
+    # A whole layer (projections, layer norm) against float64: errors add up beyond one attention's.
+    tolerance_factor = 4.0
+
+    def d_model(self, case: Case) -> int:
+        return case.heads_q * case.headdim
+
+    def out_len(self, case):
+        return query_pool(case).pooled_len(case.seqlen_q)
+
+    def shapes(self, case):
+        d = self.d_model(case)
+        return {"x": (case.batch, case.seqlen_q, d), "dout": (case.batch, self.out_len(case), d)}
+
+    def context(self, case, dtype: torch.dtype | None = None):
+        B, T = case.batch, case.seqlen_q
+        dtype = dtype or case.torch_dtype
+        mask = torch.ones(B, T, device=case.device)
+        mask[-1, T - T // FUNNEL_PAD_FRACTION:] = 0
+        types = torch.zeros(B, T, device=case.device, dtype=torch.long)
+        types[:, 0] = 2  # [cls]
+        types[:, T // 2:] = 1
+        layers = funnel_layers(self.d_model(case), case.heads_q, case.headdim, case.device, dtype)
+        return FunnelContext(*layers, attention_mask=mask, token_type_ids=types)
+
+    def cost(self, case, context):
+        B, T, d, D = case.batch, case.seqlen_q, self.d_model(case), case.headdim
+        tp = self.out_len(case)
+        linear = 2 * B * d * d * (2 * tp + 2 * T)  # q and output projections on Tp rows, k and v on T rows
+        attention = 4 * B * case.heads_q * tp * T * D
+        weights = 4 * d * d * case.torch_dtype.itemsize
+        activations = B * (T + tp) * d * case.torch_dtype.itemsize
+        return Cost(fwd_flops=linear + attention,
+                    bwd_flops=int(LINEAR_BWD_FACTOR * linear + ATTENTION_BWD_FACTOR * attention),
+                    fwd_bytes=weights + activations, bwd_bytes=2 * (weights + activations))
+
+    def reference(self, case, args, dout, context, ref):
+        dt = reference_dtype(case)
+        ctx64 = self.context(case, dtype=dt)
+        (x,) = args
+        x = x.detach().to(dt).requires_grad_(case.needs_grad)
+        with torch.set_grad_enabled(case.needs_grad):
+            out = ctx64.call(fused=False)(x)
+        grads = torch.autograd.grad(out, (x,), dout.to(dt)) if case.needs_grad else None
+        return Reference(out=out.detach(), grads=grads)
+
+
+class PredictOp(Op):
+    name = "predict"
+    grad_names = ()
+
+    def shapes(self, case):
+        shapes = super().shapes(case)
+        return {"q": shapes["q"], "k": shapes["k"], "dout": None}
+
+    def cost(self, case, context):
+        read = (case.heads_q + case.heads_kv) * case.batch * case.seqlen_q * case.headdim * case.torch_dtype.itemsize
+        return Cost(0, 0, read, 0)
+
+    def reference(self, case, args, dout, context, ref):
+        # Each predictor is checked against itself in float64 (bench.validate); nothing shared.
+        return ref or Reference(out=torch.empty(0))
+
+
+def kept_top_k(case: Case) -> int:
+    """kv blocks kept per query block in a predict case: ``max(1, round((1 - sparsity) * nKb))``."""
+    n_kv_blocks = math.ceil(case.seqlen_k / case.block)
+    return max(1, round((1.0 - case.sparsity) * n_kv_blocks))
+
+
+OPS: dict[str, Op] = {op.name: op for op in (AttentionOp(), PooledOp(), SparseOp(), FunnelOp(), PredictOp())}
