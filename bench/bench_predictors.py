@@ -18,7 +18,8 @@ k-means for each cluster count of the sweep, the projections shared) and a ``Blo
 KL steps); the other ``n_eval`` sequences are evaluated. Operating points:
 
 * ``sparsefinder``: ``(n_clusters, top_c)`` of ``sf_points``; ``sparsefinder+window``: the same united
-  with a sliding window of ``window`` tokens each side.
+  with a sliding window of ``window`` tokens each side; ``sparsefinder-top_k``: at ``sf_top_k_point``,
+  the ``top_k`` kv blocks per q block with the most token pairs sharing a cluster.
 * ``gate``: ``top_k`` kv blocks per q block (diagonal kept); ``gate-thr``: gate probability thresholds.
 * ``oracle``: the ``top_k`` kv blocks of the true attention mass (computed densely): the best any
   predictor keeping that many blocks can do.
@@ -27,7 +28,10 @@ Per row: ``sparsity`` (``block_sparsity``, the share of blocks cut), ``recall`` 
 mean share of each query row's softmax mass inside the mask), ``exact`` (``exact_row_recall``: rows
 with recall >= 0.999), ``pred_ms`` (the predictor's ``predict`` on the eval batch), ``sparse_ms``
 (``effattn.sparse_attention`` with the predicted mask) and ``dense_ms`` (``effattn.flash_attention``,
-no mask) on the same batch. On CPU effattn runs the chunked reference, whose time does not fall with
+no mask) on the same batch; ``pred_flops`` (the predictor's analytic ``predict_flops``), ``saved_flops``
+(``saved_attention_flops``: the forward attention FLOPs of the blocks its mask cuts) and their ratio
+``pred_per_saved_flops`` (the prediction's cost as a share of the work it saves, device-independent),
+and ``pred_per_dense_time`` (measured). On CPU effattn runs the chunked reference, whose time does not fall with
 sparsity: the CPU times say what prediction costs next to a reference attention, not the GPU's ratios.
 Writes ``predictors.json`` (metadata + rows) and ``predictors.md`` after every row, and
 ``predictors_recall.png`` (recall against sparsity, one curve per predictor and layer) at the end.
@@ -50,10 +54,12 @@ from bench.bench_attention import _positive_float, _positive_int
 
 PRESETS = {
     "cpu": dict(T=512, layers=2, hidden=128, heads=4, n_train=6, n_eval=2, block=32, sf_steps=100, gate_steps=300,
-                sf_points=((4, 1), (8, 1), (16, 1), (16, 2)), window=32, gate_top_k=(1, 2, 4, 8),
+                sf_points=((4, 1), (8, 1), (16, 1), (16, 2)), sf_top_k_point=(16, 1), window=32,
+                gate_top_k=(1, 2, 4, 8),
                 gate_thresholds=(0.1, 0.02), min_run_time=0.05),
     "tiny": dict(T=128, layers=1, hidden=64, heads=2, n_train=2, n_eval=1, block=16, sf_steps=3, gate_steps=10,
-                 sf_points=((4, 1), (8, 2)), window=16, gate_top_k=(1, 4, 8), gate_thresholds=(0.05,),
+                 sf_points=((4, 1), (8, 2)), sf_top_k_point=(8, 2), window=16, gate_top_k=(1, 4, 8),
+                 gate_thresholds=(0.05,),
                  min_run_time=0.01),
 }
 TEXT_MODULES = ("inspect", "collections", "functools", "itertools", "argparse", "json", "pathlib",
@@ -147,7 +153,8 @@ def oracle_mask(q, k, block, top_k):
 
 
 def operating_points(cfg, layer, train, heads, head_dim):
-    """``[(predictor, setting, predict())]`` of one layer, fitted on ``train`` (q and k lists)."""
+    """``[(predictor, setting, predict(q, k), flops(B, T))]`` of one layer, fitted on ``train`` (q and k
+    lists); ``flops`` is the predictor's analytic ``predict_flops`` (None for the dense oracle)."""
     from effattn.sparsity import BlockGate, SparseFinder
 
     block = cfg["block"]
@@ -159,40 +166,60 @@ def operating_points(cfg, layer, train, heads, head_dim):
         sf = SparseFinder(heads, head_dim, rank=4, n_clusters=C, top_c=top_c, margin=10.0, seed=SEED).to(qs[0].device)
         sf.load_state_dict({**base.state_dict(), "centroids": sf.centroids}, strict=False)
         sf.fit_clusters(qs, ks)
+        def flops(B, T, sf=sf):
+            return sf.predict_flops(T, T, batch=B, block_size=block)
+
         points.append(("sparsefinder", f"C={C} top_c={top_c}",
-                       lambda q, k, sf=sf: sf.predict(q, k, block_size=block)))
+                       lambda q, k, sf=sf: sf.predict(q, k, block_size=block), flops))
         points.append(("sparsefinder+window", f"C={C} top_c={top_c} w={cfg['window']}",
-                       lambda q, k, sf=sf: sf.predict(q, k, window=cfg["window"], block_size=block)))
+                       lambda q, k, sf=sf: sf.predict(q, k, window=cfg["window"], block_size=block), flops))
+        if (C, top_c) == cfg["sf_top_k_point"]:
+            for top_k in cfg["gate_top_k"]:
+                points.append(("sparsefinder-top_k", f"C={C} top_c={top_c} top_k={top_k}",
+                               lambda q, k, sf=sf, t=top_k: sf.predict(q, k, block_size=block, top_k=t),
+                               lambda B, T, sf=sf, t=top_k: sf.predict_flops(T, T, batch=B, block_size=block,
+                                                                             top_k=t)))
     gate = BlockGate(heads, head_dim, block_size=(block, block)).to(qs[0].device)
     torch.manual_seed(SEED + layer)
     gate.reset_parameters()
     gate.fit(qs, ks, steps=cfg["gate_steps"], lr=1e-2)
+
+    def gate_flops(B, T):
+        return gate.predict_flops(T, T, batch=B)
+
     for top_k in cfg["gate_top_k"]:
-        points.append(("gate", f"top_k={top_k}", lambda q, k, t=top_k: gate.predict(q, k, top_k=t)))
-        points.append(("oracle", f"top_k={top_k}", lambda q, k, t=top_k: oracle_mask(q, k, block, t)))
+        points.append(("gate", f"top_k={top_k}", lambda q, k, t=top_k: gate.predict(q, k, top_k=t), gate_flops))
+        points.append(("oracle", f"top_k={top_k}", lambda q, k, t=top_k: oracle_mask(q, k, block, t), None))
     for thr in cfg["gate_thresholds"]:
-        points.append(("gate-thr", f"threshold={thr:g}", lambda q, k, t=thr: gate.predict(q, k, threshold=t)))
+        points.append(("gate-thr", f"threshold={thr:g}", lambda q, k, t=thr: gate.predict(q, k, threshold=t),
+                       gate_flops))
     return points
 
 
 def evaluate(layer, points, q, k, v, cfg, device, timing, fit_s, rows, on_row):
     """Append one row per operating point of ``points`` on the eval batch ``q, k, v``."""
     import effattn
-    from effattn.sparsity import attention_recall, block_sparsity, exact_row_recall
+    from effattn.sparsity import attention_recall, block_sparsity, exact_row_recall, saved_attention_flops
 
+    B, H, T, D = q.shape
     dense_ms = harness.time_ms(lambda: effattn.flash_attention(q, k, v), device, timing)
-    for predictor, setting, predict in points:
+    for predictor, setting, predict, flops in points:
         bm = predict(q, k)
+        pred_flops = None if flops is None else flops(B, T)
+        saved_flops = saved_attention_flops(bm, D, batch=B, heads=H)
         pred_ms = harness.time_ms(lambda predict=predict: predict(q, k), device, timing)
         sparse_ms = harness.time_ms(lambda bm=bm: effattn.sparse_attention(q, k, v, bm), device, timing)
         r = {"layer": layer, "predictor": predictor, "setting": setting, "B": q.shape[0], "H": q.shape[1],
              "T": q.shape[2], "D": q.shape[3], "block": cfg["block"], "sparsity": block_sparsity(bm),
              "recall": attention_recall(q, k, bm), "exact_row_recall": exact_row_recall(q, k, bm),
-             "pred_ms": pred_ms, "sparse_ms": sparse_ms, "dense_ms": dense_ms, "fit_s": fit_s}
+             "pred_ms": pred_ms, "sparse_ms": sparse_ms, "dense_ms": dense_ms, "fit_s": fit_s,
+             "pred_flops": pred_flops, "saved_flops": saved_flops,
+             "pred_per_saved_flops": None if pred_flops is None or not saved_flops else pred_flops / saved_flops,
+             "pred_per_dense_time": pred_ms / dense_ms}
         rows.append(r)
         print(f"L{layer} {predictor:<20} {setting:<22} sparsity {r['sparsity']:.3f} recall {r['recall']:.3f} "
               f"exact {r['exact_row_recall']:.3f} pred {pred_ms:.2f} ms sparse {sparse_ms:.2f} ms "
-              f"dense {dense_ms:.2f} ms", flush=True)
+              f"dense {dense_ms:.2f} ms pred/saved flops {_f(r['pred_per_saved_flops'], '.4f')}", flush=True)
         on_row()
 
 
@@ -208,12 +235,16 @@ def format_markdown(rows, meta) -> str:
              f"{meta['device_name']}, torch {meta['torch']}, {meta['date_utc']}, `{meta['command']}`", "",
              f"Model: {meta['model']}. Text: {meta['text']}. Timing: {meta['timing']}.", "",
              "On CPU effattn runs the chunked reference: `sparse ms` does not fall with sparsity there.", "",
-             "| layer | predictor | setting | sparsity | recall | exact rows | pred ms | sparse ms | dense ms |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "`pred/saved flop`: the predictor's analytic FLOPs over the dense-attention forward FLOPs its mask "
+             "cuts; `pred/dense time`: its measured time over the dense attention's.", "",
+             "| layer | predictor | setting | sparsity | recall | exact rows | pred ms | sparse ms | dense ms "
+             "| pred/saved flop | pred/dense time |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['layer']} | {r['predictor']} | {r['setting']} | {_f(r['sparsity'])} | {_f(r['recall'])} "
                      f"| {_f(r['exact_row_recall'])} | {_f(r['pred_ms'], '.2f')} | {_f(r['sparse_ms'], '.2f')} "
-                     f"| {_f(r['dense_ms'], '.2f')} |")
+                     f"| {_f(r['dense_ms'], '.2f')} | {_f(r['pred_per_saved_flops'], '.4f')} "
+                     f"| {_f(r['pred_per_dense_time'], '.3f')} |")
     return "\n".join(lines) + "\n"
 
 

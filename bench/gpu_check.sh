@@ -9,14 +9,18 @@
 # 4. "funnel": `python -m bench.bench_funnel` (pooled-query attention, Funnel layers), time-boxed;
 # 5. "sparse": `python -m bench.bench_sparse` (block-sparse attention vs density), time-boxed;
 # 6. "ops": the h100-ops preset of `python -m bench` (pooled, sparse, Funnel layer, mask prediction),
-#    time-boxed, files ops.json, ops.md, ops_sparse.png.
-# GPU_CHECK_PARTS (default "tests flash funnel sparse") picks the steps; they fit one 10-minute call
-# only tightly: split them over two calls (e.g. "tests flash" then "funnel sparse ops") when possible.
+#    time-boxed, files ops.json, ops.md, ops_sparse.png;
+# 7. "cuda": the C++/CUDA extension: its build (sm_90 only unless EFFATTN_CUDA_ARCHS says otherwise),
+#    its tests on the GPU and compute-sanitizer over a few of them, logged to $OUT/tests_cuda_ext.log.
+# GPU_CHECK_PARTS (default "tests flash funnel sparse") picks the steps; they do not all fit one
+# 10-minute call: split them, e.g. "cuda tests" then "flash ops" (funnel and sparse: the older
+# dedicated benchmarks, mostly covered by ops).
 #
 # Uses the machine's own python, torch and triton (PYTHON overrides the interpreter); installs
 # nothing and needs no network. Output directory: $OUT, or bench/results when OUT is unset. It holds
-# at most 8 files (the device tool's limit): tests_cuda.log, attention.json, attention.md,
-# attention_tflops.png, funnel.json, funnel.md, sparse.json, sparse.md.
+# at most 8 files per call (the device tool's limit): tests_cuda.log, tests_cuda_ext.log;
+# attention.json, attention.md, attention_tflops.png, attention_roofline.png; ops.json, ops.md,
+# ops_sparse.png; funnel.json, funnel.md; sparse.json, sparse.md.
 #
 # Time: tests at most TEST_TIMEOUT_S; the flash benchmark stops starting new rows after the preset's
 # budget and is interrupted (SIGINT: it still writes its files) at BENCH_TIMEOUT_S; the Funnel
@@ -34,8 +38,10 @@ BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-110}"
 FUNNEL_TIMEOUT_S="${FUNNEL_TIMEOUT_S:-100}"
 SPARSE_TIMEOUT_S="${SPARSE_TIMEOUT_S:-100}"
 OPS_TIMEOUT_S="${OPS_TIMEOUT_S:-180}"
+CUDA_TIMEOUT_S="${CUDA_TIMEOUT_S:-300}"
+export EFFATTN_CUDA_ARCHS="${EFFATTN_CUDA_ARCHS:-90}"  # the extension's build: this GPU's arch only
 PARTS="${GPU_CHECK_PARTS:-tests flash funnel sparse}"
-test_rc=0 bench_rc=0 funnel_rc=0 sparse_rc=0 ops_rc=0
+test_rc=0 bench_rc=0 funnel_rc=0 sparse_rc=0 ops_rc=0 cuda_rc=0
 KILL_AFTER_S=15
 mkdir -p "$OUT_DIR"
 
@@ -57,6 +63,18 @@ else:
 EOF
 "$PYTHON" -m effattn.info || echo "effattn.info failed (exit $?)"
 
+if [[ " $PARTS " == *" cuda "* ]]; then
+    echo "== C++/CUDA extension: build, tests on the GPU, compute-sanitizer (at most ${CUDA_TIMEOUT_S} s)"
+    timeout -k "$KILL_AFTER_S" "$CUDA_TIMEOUT_S" bash -c '
+        "$0" -c "from effattn import _ext; m = _ext.load(); print(\"extension built, CUDA:\", m.WITH_CUDA, m.CUDA_ARCHS)" &&
+        EFFATTN_TEST_DEVICE=cuda "$0" -m pytest tests/test_cuda_ext.py tests/test_cuda_backend.py tests/test_cpp_backend.py \
+            -q -n 8 -p no:cacheprovider -rfs &&
+        compute-sanitizer --tool memcheck --error-exitcode 1 "$0" -m pytest tests/test_cuda_backend.py -q -x \
+            -p no:cacheprovider -k "sizes or unaligned or sparse_random or pooled"' "$PYTHON" 2>&1 \
+        | tee "$OUT_DIR/tests_cuda_ext.log"
+    cuda_rc=${PIPESTATUS[0]}
+fi
+
 if [[ " $PARTS " == *" tests "* ]]; then
     echo "== tests on CUDA (at most ${TEST_TIMEOUT_S} s)"
     # EFFATTN_AUTOTUNE=0: one config per head-dim class (compile time stays bounded); every config of
@@ -74,7 +92,8 @@ if [[ " $PARTS " == *" flash "* ]]; then
         "$PYTHON" -m bench --preset h100 --device cuda --out "$OUT_DIR" \
         --providers naive sdpa-flash sdpa-efficient sdpa-cudnn flex effattn-triton
     bench_rc=$?
-    rm -f "$OUT_DIR/attention_time.png" "$OUT_DIR/attention_memory.png" "$OUT_DIR/attention.csv"  # 8 files at most
+    rm -f "$OUT_DIR/attention_time.png" "$OUT_DIR/attention_memory.png" "$OUT_DIR/attention.csv" \
+        "$OUT_DIR/attention_summary.md"  # 8 files at most (attention.md holds the summary)
 fi
 
 if [[ " $PARTS " == *" funnel "* ]]; then
@@ -99,10 +118,12 @@ if [[ " $PARTS " == *" ops "* ]]; then
         --providers naive sdpa flex effattn gate sparsefinder
     ops_rc=$?
     rm -f "$OUT_DIR"/ops_time.png "$OUT_DIR"/ops_tflops.png "$OUT_DIR"/ops_memory.png "$OUT_DIR"/ops_roofline.png \
-        "$OUT_DIR/ops.csv"  # 8 files at most
+        "$OUT_DIR/ops.csv" "$OUT_DIR/ops_summary.md"  # 8 files at most
 fi
 
 echo "== done: tests exit $test_rc, flash benchmark exit $bench_rc, Funnel benchmark exit $funnel_rc," \
-     "block-sparse benchmark exit $sparse_rc, ops benchmark exit $ops_rc; files in $OUT_DIR:"
+     "block-sparse benchmark exit $sparse_rc, ops benchmark exit $ops_rc, CUDA extension exit $cuda_rc;" \
+     "files in $OUT_DIR:"
 ls -l "$OUT_DIR"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$funnel_rc" -eq 0 ] && [ "$sparse_rc" -eq 0 ] && [ "$ops_rc" -eq 0 ]
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$funnel_rc" -eq 0 ] && [ "$sparse_rc" -eq 0 ] &&
+    [ "$ops_rc" -eq 0 ] && [ "$cuda_rc" -eq 0 ]

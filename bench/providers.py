@@ -50,6 +50,10 @@ GIB = 1 << 30
 NO_SDPA_KERNEL = ("No available kernel", "No viable backend")
 # Torch recompiles FlexAttention for every new shape, dtype and mask; a sweep needs more than dynamo's default.
 FLEX_RECOMPILE_LIMIT = 512
+FUNNEL_REASON = {"sdpa": "no Funnel layer built on SDPA: its relative-position and token-type terms would enter as "
+                         "a materialised (B, H, Tp, T) float attn_mask (not written)",
+                 "flex": "no Funnel layer built on FlexAttention: its relative-position and token-type terms would "
+                         "need a score_mod gathering a (Tp, 2T) position table per head (not written)"}
 # Largest forward tile asked of FlexAttention for a sparse mask (its kernels' own limit on an H100).
 FLEX_MAX_TILE = 128
 CPU_FLEX_REASON = ("FlexAttention is compiled (torch.compile) for every shape, seconds each on a small CPU; "
@@ -199,7 +203,7 @@ class SdpaProvider(Provider):
     """``torch.nn.functional.scaled_dot_product_attention``, on torch's choice of backend or a forced one."""
 
     peer = True
-    ops = ("attention", "pooled", "sparse")
+    ops = ("attention", "pooled", "sparse", "funnel")
 
     def __init__(self, backend_name: str | None = None):
         self.backend_name = backend_name
@@ -218,6 +222,8 @@ class SdpaProvider(Provider):
         return member
 
     def not_supported_reasons(self, case, requested=False):
+        if case.op == "funnel":
+            return [FUNNEL_REASON["sdpa"]]
         reasons = []
         if case.op == "sparse":  # the boolean mask, expanded to elements
             reasons += _materialised_reasons(case, 1, copies=1)
@@ -278,9 +284,11 @@ class FlexProvider(Provider):
     description = ("torch.nn.attention.flex_attention compiled with torch.compile: causal as a block mask, "
                    "sparse with the mask converted (BlockMask.to_flex), pooled on pre-pooled q")
     peer = True
-    ops = ("attention", "pooled", "sparse")
+    ops = ("attention", "pooled", "sparse", "funnel")
 
     def not_supported_reasons(self, case, requested=False):
+        if case.op == "funnel":
+            return [FUNNEL_REASON["flex"]]
         reasons = _import_reasons("torch.nn.attention.flex_attention")
         if not reasons and case.device == "cpu" and case.needs_grad:
             reasons.append("FlexAttention has no backward on CPU")

@@ -4,7 +4,7 @@ Files, under the output directory, all named ``<stem>.*`` (stem ``attention``):
 
 * ``<stem>.json``: ``{"metadata": {...}, "rows": [...]}``, every field of every row.
 * ``<stem>.csv``: one line per row, each tagged with :data:`bench.metadata.ROW_TAGS`.
-* ``<stem>.md``: the metadata and the table.
+* ``<stem>.md``: the metadata, the summary and the table; ``<stem>_summary.md``: the summary alone.
 * ``<stem>_time.png``, ``<stem>_tflops.png``, ``<stem>_memory.png``: time, TFLOP/s and peak memory
   against sequence length, one line per provider, one panel per (op, mode, dtype, causal, shape).
 * ``<stem>_sparse.png``: sparse time against the share of mask blocks kept, per provider (when a
@@ -230,6 +230,14 @@ def format_summary(rows: Sequence[Row], markdown: bool = False) -> str:
     return "\n".join([fmt(SUMMARY_HEADERS), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
 
 
+def format_summary_markdown(rows: Sequence[Row], meta: dict) -> str:
+    """The summary alone, with the machine and versions in one line: for a README."""
+    where = (f"{meta.get('device_name')} ({meta.get('device')}), torch {meta.get('torch')}, "
+             f"triton {meta.get('triton')}, commit {str(meta.get('git_commit'))[:7]}, {meta.get('date_utc')}, "
+             f"`{meta.get('command')}`")
+    return f"Measured on {where}.\n\n{SUMMARY_NOTE}\n\n{format_summary(rows, markdown=True)}\n"
+
+
 def format_markdown(rows: Sequence[Row], meta: dict) -> str:
     shown, not_run = split_not_run(rows)
     headers = [h for h, _, _ in COLUMNS]
@@ -419,10 +427,11 @@ def write_all(out_dir: Path, rows: Sequence[Row], meta: dict, plots: bool = True
               stem: str = STEM, ceilings=None) -> tuple[list[Path], list[str]]:
     """Write every output file into ``out_dir`` (created); ``(paths written, notes)``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.csv", out_dir / f"{stem}.md"]
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.csv", out_dir / f"{stem}.md", out_dir / f"{stem}_summary.md"]
     write_json(paths[0], rows, meta)
     write_csv(paths[1], rows, meta)
     paths[2].write_text(format_markdown(rows, meta))
+    paths[3].write_text(format_summary_markdown(rows, meta))
     notes = []
     if plots:
         pngs, note = write_plots(out_dir, rows, stem)

@@ -25,12 +25,14 @@ from triton.compiler.compiler import ASTSource  # noqa: E402
 
 from effattn.kernels import block_attn_map as bam  # noqa: E402
 from effattn.kernels import block_sparse_attn as bsa  # noqa: E402
+from effattn.kernels import cluster_blocks as cbk  # noqa: E402
 from effattn.kernels import flash_attn as fa  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
 FP32_POINTERS = {"LSE", "DELTA", "DLSE", "OUT_MAX", "OUT_SUM"}
-INT32_POINTERS = {"KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM", "Q_IDX", "QSEG", "KSEG"}
+INT32_POINTERS = {"KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM", "Q_IDX", "QSEG", "KSEG", "IDS", "BITS", "QB",
+                  "KB"}
 FLOAT_ARGS = {"qk_scale", "sm_scale", "drop_scale", "scale"}
 TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 
@@ -64,7 +66,8 @@ VARIANTS = [
 ]
 KERNELS = {"fwd": fa._flash_fwd_kernel, "bwd_kv": fa._flash_bwd_dkdv_kernel, "bwd_q": fa._flash_bwd_dq_kernel,
            "sparse_fwd": bsa._sparse_fwd_kernel, "sparse_bwd_kv": bsa._sparse_bwd_dkdv_kernel,
-           "sparse_bwd_q": bsa._sparse_bwd_dq_kernel, "attn_map": bam._block_attn_map_kernel}
+           "sparse_bwd_q": bsa._sparse_bwd_dq_kernel, "attn_map": bam._block_attn_map_kernel,
+           "cluster_bitsets": cbk._cluster_bitset_kernel, "cluster_pairs": cbk._cluster_pairs_kernel}
 # block-sparse: tiles are the mask's blocks; (BLOCK_M, BLOCK_N, warps, stages) as the launcher uses them
 SPARSE_TILE = (64, 64, bsa.NUM_WARPS, bsa.NUM_STAGES)
 SPARSE_RULE = dict(HAS_WINDOW_LEFT=True, HAS_WINDOW_RIGHT=True, HAS_SEGMENTS=True, HAS_GLOBAL=True, HAS_KPM=True)
@@ -75,6 +78,11 @@ VARIANTS += [
 ]
 VARIANTS += [("block attention map bf16 D64 causal", "attn_map", "bf16", 64, (64, 64, 4, 1), None,
               dict(CAUSAL=True, WITH_SUM=True))]
+# SparseFinder's cluster bitsets (block of 128 tokens, a tile of 32 words) and block pairs (64 x 64 tiles)
+VARIANTS += [("cluster bitsets block 128 32 words", "cluster_bitsets", "fp32", 0, (128, 0, cbk.NUM_WARPS, 1), None,
+              dict(BLOCK=128, WORD_TILE=cbk.MAX_WORD_TILE, WORD_BITS=cbk.WORD_BITS)),
+             ("cluster block pairs", "cluster_pairs", "fp32", 0, (cbk.TILE_M, cbk.TILE_N, cbk.NUM_WARPS, 1), None,
+              dict(TILE_M=cbk.TILE_M, TILE_N=cbk.TILE_N))]
 SPARSE_DROPS = ("MASK_KIND", "MASK_ROW_BCAST", "HAS_DROPOUT", "POOL", "POOL_MAX", "POOL_CLS")
 
 
@@ -89,7 +97,7 @@ def _signature(jit, dtype, mask_dtype, constexprs):
             sig[name] = "*fp32"
         elif name in INT32_POINTERS:
             sig[name] = "*i32"
-        elif name == "KPM":
+        elif name in ("KPM", "OUT"):
             sig[name] = "*u8"
         elif name == "MASK":
             sig[name] = "*" + (mask_dtype or TRITON_DTYPE[dtype])
@@ -126,6 +134,8 @@ def compile_variant(variant) -> dict:
     if kind == "attn_map":
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=fa._block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn, UPCAST_DOT=False,
                           DOT_PRECISION="tf32", **extra)
+    if kind.startswith("cluster"):
+        constexprs = dict(extra)
     if kind.startswith("sparse"):
         constexprs = {k: v for k, v in constexprs.items() if k not in SPARSE_DROPS}
         constexprs = {"HAS_SEGMENTS": False, "HAS_GLOBAL": False, **constexprs}

@@ -56,3 +56,12 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(block_sparse_attn, "_alloc", _poisoned_alloc)
     monkeypatch.setattr(reference, "_alloc", _poisoned_alloc)
     monkeypatch.setattr(cuda_ops, "_alloc", _poisoned_alloc)
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test: small tensors, where threads only contend under ``pytest -n``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -68,3 +68,17 @@ def compare_with_reference(q, k, v, *, backend="triton", grad=True, lse_grad=Fal
 
 
 __all__ = ["TOLERANCES", "compare_with_reference", "make_qkv"]
+
+
+def pool_token_pairs(pairs: torch.Tensor, block_q: int, block_kv: int, how: str = "any") -> torch.Tensor:
+    """A token-pair tensor ``(B, H, Tq, Tk)`` (small sizes) pooled to the block grid ``(B, H, nQb, nKb)``
+    by a plain loop over blocks: ``any`` of a bool graph, or ``sum`` of counts (ragged edge blocks
+    pooled over their existing tokens)."""
+    B, H, Tq, Tk = pairs.shape
+    nq, nk = -(-Tq // block_q), -(-Tk // block_kv)
+    out = torch.zeros(B, H, nq, nk, dtype=torch.bool if how == "any" else pairs.dtype)
+    for m in range(nq):
+        for n in range(nk):
+            tile = pairs[:, :, m * block_q:(m + 1) * block_q, n * block_kv:(n + 1) * block_kv].flatten(2)
+            out[:, :, m, n] = tile.any(-1) if how == "any" else tile.sum(-1)
+    return out

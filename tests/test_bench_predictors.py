@@ -13,12 +13,21 @@ def test_tiny_run_writes_outputs(tmp_path):
     assert data["metadata"]["preset"] == "tiny"
     rows = data["rows"]
     assert rows
-    assert {r["predictor"] for r in rows} >= {"sparsefinder", "sparsefinder+window", "gate", "gate-thr", "oracle"}
+    assert {r["predictor"] for r in rows} >= {"sparsefinder", "sparsefinder+window", "sparsefinder-top_k", "gate",
+                                              "gate-thr", "oracle"}
     for r in rows:
         for key in ("sparsity", "recall", "exact_row_recall"):
             assert 0.0 <= r[key] <= 1.0 + 1e-6, (key, r)
-        for key in ("pred_ms", "sparse_ms", "dense_ms"):
+        for key in ("pred_ms", "sparse_ms", "dense_ms", "pred_per_dense_time"):
             assert r[key] > 0
+        # the prediction's cost against the forward attention FLOPs its mask cuts (none for the oracle)
+        assert r["saved_flops"] >= 0
+        if r["predictor"] == "oracle":
+            assert r["pred_flops"] is None and r["pred_per_saved_flops"] is None
+        else:
+            assert r["pred_flops"] > 0
+            if r["saved_flops"]:
+                assert r["pred_per_saved_flops"] == pytest.approx(r["pred_flops"] / r["saved_flops"])
     # the oracle keeping all kv blocks sees all of the attention
     T, block = rows[0]["T"], rows[0]["block"]
     full = [r for r in rows if r["predictor"] == "oracle" and r["setting"] == f"top_k={T // block}"]

@@ -18,13 +18,9 @@ def _poisoned_alloc(*size, dtype=None, device=None, **kw):
 
 
 @pytest.fixture(autouse=True)
-def _poison_and_one_thread(monkeypatch):
-    """NaN-poisoned kernel outputs; one CPU thread (tiny tensors: threads only contend under pytest -n)."""
+def _poison(monkeypatch, one_thread):
+    """NaN-poisoned kernel outputs."""
     monkeypatch.setattr(bam, "_alloc", _poisoned_alloc)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ import torch
 
 from effattn.block_mask import FULL, NONE, BlockMask
 from effattn.sparsity.sparsefinder import SparseFinder, gold_positives
+from tests.helpers import pool_token_pairs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(B=1, H=2, T=256, D=16, K=8, noise=0.2, seed=0):
@@ -28,14 +31,7 @@ def recall(q, k, bm, scale):
 
 def dense_blocks(mq, mk, bq, bk):
     """Oracle: token graph 'share a cluster' over (i, j), pooled to blocks with any()."""
-    conn = (mq.float() @ mk.float().transpose(-1, -2)) > 0  # (B, H, Tq, Tk)
-    B, H, Tq, Tk = conn.shape
-    nq, nk = -(-Tq // bq), -(-Tk // bk)
-    out = torch.zeros(B, H, nq, nk, dtype=torch.bool)
-    for m in range(nq):
-        for n in range(nk):
-            out[:, :, m, n] = conn[:, :, m * bq:(m + 1) * bq, n * bk:(n + 1) * bk].flatten(2).any(-1)
-    return out
+    return pool_token_pairs((mq.float() @ mk.float().transpose(-1, -2)) > 0, bq, bk)
 
 
 def test_project_shapes_and_gqa():
@@ -110,6 +106,85 @@ def test_planted_structure_recall_and_sparsity(seed):
     bm.check()
     r, s = recall(q, k, bm, 2.0), bm.sparsity()
     assert r >= 0.9 and s >= 0.6, (r, s)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 10])
+def test_predict_top_k(top_k):
+    """top_k keeps, per q block, the kv blocks with the most token pairs sharing a cluster (counted
+    densely here), at most top_k of them and only ones the any-rule keeps."""
+    g = torch.Generator().manual_seed(top_k)
+    Tq, Tk, block = 100, 130, 16
+    q, k = torch.randn(2, 3, Tq, 8, generator=g), torch.randn(2, 3, Tk, 8, generator=g)
+    sf = SparseFinder(3, 8, rank=2, n_clusters=12, top_c=2, seed=3)
+    sf.fit_clusters(q, k)
+    mq, mk = sf.memberships(q, k)
+    shared = mq.float() @ mk.float().transpose(-1, -2)
+    counts = pool_token_pairs(shared, block, block, "sum")
+    kept = sf.predict(q, k, block_size=block, top_k=top_k).block_kinds() == FULL
+    any_rule = sf.predict(q, k, block_size=block).block_kinds() == FULL
+    assert bool((kept.sum(-1) == torch.minimum(torch.tensor(top_k), (counts > 0).sum(-1))).all())
+    assert bool((kept <= any_rule).all())
+    # every kept block counts at least as many pairs as every cut one of its row
+    lowest_kept = torch.where(kept, counts, torch.inf).amin(-1)
+    highest_cut = torch.where(kept, -torch.inf, counts).amax(-1)
+    assert bool((lowest_kept >= highest_cut).all())
+    # the window is united in on top of the top_k
+    windowed = sf.predict(q, k, block_size=block, top_k=top_k, window=8)
+    assert bool((windowed.to_dense() >= sf.predict(q, k, block_size=block, top_k=top_k).to_dense()).all())
+    with pytest.raises(ValueError, match="top_k"):
+        sf.predict(q, k, top_k=0)
+
+
+def offset_keys(k, norm=20.0, seed=0):
+    """``k`` shifted by a large constant vector per head: softmax(q k^T) is unchanged (shift invariance)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(k.shape[1], 1, k.shape[3], generator=g)
+    return k + norm * c / c.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_planted_structure_with_offset_keys(seed):
+    """Queries and keys offset from each other by a large constant, the gold graph still the planted
+    groups: the projected clouds must still share clusters (before centring, q' and k' fell in disjoint
+    k-means clusters and the mask kept no block)."""
+    q, k = planted(T=256, K=8, seed=seed)
+    k_off = offset_keys(k, seed=seed + 10)
+    p, p_off = (torch.softmax(2.0 * q @ kk.transpose(-1, -2), dim=-1) for kk in (k, k_off))
+    torch.testing.assert_close(p_off, p, atol=1e-4, rtol=1e-3)  # the same attention, the same gold graph
+    sf = SparseFinder(2, 16, rank=4, n_clusters=8, top_c=1, margin=10.0, kmeans_iters=20, seed=seed)
+    sf.fit(q, k_off, steps=40, lr=0.05, scale=2.0)
+    mq, mk = sf.memberships(q, k_off)
+    assert bool((mq.any(2) & mk.any(2)).any(-1).all()), "queries and keys share no cluster"
+    bm = sf.predict(q, k_off, block_size=16)
+    r, s = recall(q, k_off, bm, 2.0), bm.sparsity()
+    assert r >= 0.9 and s >= 0.6, (r, s)
+
+
+def test_centers():
+    """fit_centers stores the per-head means; project subtracts them; fit and fit_clusters fit them once."""
+    g = torch.Generator().manual_seed(2)
+    qs = [torch.randn(2, 3, 20, 8, generator=g) + 5 for _ in range(2)]
+    ks = [torch.randn(2, 3, 30, 8, generator=g) - 3 for _ in range(2)]
+    sf = SparseFinder(3, 8, rank=2, n_clusters=4, seed=2)
+    sf.fit_centers(qs, ks)
+    torch.testing.assert_close(sf.q_center, torch.cat(qs, 0).mean(dim=(0, 2)))
+    torch.testing.assert_close(sf.k_center, torch.cat(ks, 0).mean(dim=(0, 2)))
+    qp, kp = sf.project(qs[1], ks[1])
+    torch.testing.assert_close(qp[1, 2], (qs[1][1, 2] - sf.q_center[2]) @ sf.W_q[2])
+    torch.testing.assert_close(kp[0, 1], (ks[1][0, 1] - sf.k_center[1]) @ sf.W_k[1])
+    # GQA: the centre of kv head j serves the query heads it is repeated to
+    sf2 = SparseFinder(4, 8, rank=2, seed=2)
+    k2 = ks[0][:, :2]
+    sf2.fit_centers(torch.randn(2, 4, 20, 8, generator=g), k2)
+    torch.testing.assert_close(sf2.k_center, k2.mean(dim=(0, 2)).repeat_interleave(2, dim=0))
+    # fit_clusters fits the centres when they are not yet, and leaves fitted ones alone
+    sf3 = SparseFinder(3, 8, rank=2, n_clusters=4, seed=2)
+    sf3.fit_clusters(qs[0], ks[0])
+    torch.testing.assert_close(sf3.q_center, qs[0].mean(dim=(0, 2)))
+    sf3.fit_clusters(qs[1], ks[1])
+    torch.testing.assert_close(sf3.q_center, qs[0].mean(dim=(0, 2)))
+    sf3.fit(qs[1], ks[1], steps=1, clusters=False)
+    torch.testing.assert_close(sf3.q_center, qs[0].mean(dim=(0, 2)))
 
 
 def test_window_and_global_union():

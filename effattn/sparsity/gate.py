@@ -147,6 +147,23 @@ class BlockGate(nn.Module):
         out = torch.log_softmax(s, dim=-1)
         return torch.nan_to_num(out, nan=float("-inf"))
 
+    def predict_flops(self, q_len: int, kv_len: int, *, batch: int = 1) -> int:
+        """Analytic floating-point operations of :meth:`predict` for ``batch`` sequences of ``q_len``
+        queries and ``kv_len`` keys (a multiply-add counts 2; top-k / threshold selection and the mask's
+        index lists are not counted). Per head: pooling ``Tq D + P Tk D`` (``P`` key poolings), the
+        linear maps ``2 G (nQb D + nKb P D)``, the block scores ``2 G nQb nKb`` and their scaling
+        ``nQb nKb``. Set it against :func:`effattn.sparsity.saved_attention_flops`."""
+        for name, value in (("q_len", q_len), ("kv_len", kv_len), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        bq, bk = self.block_size
+        nq, nk = num_blocks(q_len, bq), num_blocks(kv_len, bk)
+        D, G, P = self.head_dim, self.gate_dim, len(self.k_pooling)
+        pool = q_len * D + P * kv_len * D
+        linear = 2 * G * (nq * D + nk * P * D)
+        scores = 2 * G * nq * nk + nq * nk
+        return batch * self.n_heads * (pool + linear + scores)
+
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, top_k: int | None = None, threshold: float | None = None,

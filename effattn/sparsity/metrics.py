@@ -5,6 +5,8 @@
   mask, averaged over query rows: 1.0 means that no row loses any attention.
 * :func:`exact_row_recall` — the share of query rows whose recall is at least ``1 - eps``.
 * :func:`row_recall` — the per-row recalls themselves.
+* :func:`saved_attention_flops` — the forward attention FLOPs the cut blocks do not cost, to set a
+  predictor's own cost (``SparseFinder.predict_flops``, ``BlockGate.predict_flops``) against.
 
 The recalls are computed by chunks of query rows (the mask expanded with ``BlockMask.dense_rows``
 one chunk at a time), never as a whole ``Tq x Tk`` matrix. Causal attention is bottom-right aligned as
@@ -20,7 +22,7 @@ import torch
 
 from effattn.block_mask import NONE, BlockMask
 
-__all__ = ["attention_recall", "block_sparsity", "exact_row_recall", "row_recall"]
+__all__ = ["attention_recall", "block_sparsity", "exact_row_recall", "row_recall", "saved_attention_flops"]
 
 CHUNK_ELEMENTS = 1 << 22  # scores per query-row chunk
 
@@ -106,3 +108,25 @@ def exact_row_recall(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask, *,
     r = row_recall(q, k, block_mask, scale=scale, causal=causal)
     r = r[~torch.isnan(r)]
     return 1.0 if r.numel() == 0 else float((r >= 1.0 - eps).double().mean())
+
+
+def saved_attention_flops(block_mask: BlockMask, head_dim: int, *, batch: int = 1, heads: int = 1,
+                          head_dim_v: int | None = None) -> int:
+    """Forward FLOPs of dense attention that ``block_mask`` saves: ``2 (D + Dv)`` per (query, key) pair
+    outside its kept blocks (``QK^T`` and ``PV``, a multiply-add counting 2, as in
+    :mod:`effattn.profile`), summed over ``(batch, heads)``; a mask with ``B`` or ``H`` of size 1 is
+    broadcast to ``batch`` / ``heads``. Ragged edge blocks count by their existing rows and columns."""
+    from effattn.profile import kept_pairs
+
+    _check_mask(block_mask)
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    for name, value in (("head_dim", head_dim), ("head_dim_v", head_dim_v), ("batch", batch), ("heads", heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    kept = kept_pairs(block_mask)  # (B|1, H|1)
+    B, H = kept.shape
+    for name, value, size in (("batch", batch, B), ("heads", heads, H)):
+        if size != 1 and size != value:
+            raise ValueError(f"{name}={value} does not match the block mask's {name} dimension {size}")
+    cut = block_mask.q_len * block_mask.kv_len - kept.expand(batch, heads)
+    return int(cut.sum()) * 2 * (head_dim + head_dim_v)

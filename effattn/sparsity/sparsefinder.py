@@ -4,7 +4,17 @@ Sparsity in Transformers"), turned into a :class:`~effattn.block_mask.BlockMask`
 Pipeline, per head ``h``:
 
 1. **Projection.** Low-rank maps ``W_q[h], W_k[h]`` of shape ``(D, r)`` send the frozen model's queries
-   and keys to ``q' = q W_q``, ``k' = k W_k`` in ``R^r`` (:meth:`SparseFinder.project`).
+   and keys, each centred by its per-head mean over the training data (``q_center``, ``k_center``,
+   :meth:`SparseFinder.fit_centers`), to ``q' = (q - q_center) W_q``, ``k' = (k - k_center) W_k`` in
+   ``R^r`` (:meth:`SparseFinder.project`). **Why centre:** the hinge loss below only compares the
+   distances of one query to its keys, so it barely sees where the cloud of queries sits relative to the
+   cloud of keys (translating every ``q'`` by ``t`` changes a query's term by ``2 t . (mean k'_neg -
+   mean k'_pos)``, close to 0 on average), while k-means over queries and keys together needs the two
+   clouds to overlap. Without centring, the offset between them is whatever the means of ``q`` and ``k``
+   (large in real models: attention logits are invariant to a shift of every key, softmax of
+   ``q . (k + c)`` equals softmax of ``q . k``) make of the random initial ``W_q, W_k``: queries and keys
+   then fall in disjoint clusters and no block is kept. Centring fixes that offset at 0 (the centres are
+   computed once, before training, and are not trained).
 2. **Gold graph and training.** The positives of query ``i`` are the smallest set of keys holding a share
    ``mass`` (e.g. 0.9) of its softmax mass (highest probabilities first; :func:`gold_positives`). As many
    negatives are drawn uniformly among the other keys. The hinge loss of query ``i`` is
@@ -15,15 +25,20 @@ Pipeline, per head ``h``:
    key is positive (no negative to draw) do not count. The scores are computed by chunks of query rows
    (``chunk x Tk`` at a time), never the whole ``Tq x Tk`` matrix.
 3. **Grouping.** k-means (seeded k-means++ initialisation, a few Lloyd iterations, per head) over the
-   projected queries and keys (:meth:`SparseFinder.fit_clusters`). Each token then belongs to its
-   ``top_c`` nearest centroids; query ``i`` and key ``j`` are connected iff they share a cluster.
-4. **Block mask.** Per block of tokens, the set of clusters present among its tokens, a bool
-   ``(B, H, nBlocks, n_clusters)``; a ``(q block, kv block)`` pair is kept iff the two sets intersect,
-   one small matmul on the block grid: ``(nQb, C) x (C, nKb) > 0``. No ``Tq x Tk`` tensor is built.
+   projected queries and keys together, as in the paper (:meth:`SparseFinder.fit_clusters`). Each token
+   then belongs to its ``top_c`` nearest centroids (:meth:`SparseFinder.cluster_ids`); query ``i`` and
+   key ``j`` are connected iff they share a cluster.
+4. **Block mask.** Per block of tokens, the bitset of the clusters present among its tokens; a
+   ``(q block, kv block)`` pair is kept iff the two bitsets intersect (``effattn.kernels.cluster_blocks``:
+   two Triton kernels on CUDA, a torch reference elsewhere). No ``Tq x Tk`` tensor is built.
    Kept blocks are FULL, the mask has no elementwise rule: it **over-approximates** the token graph (a
    kept block holds at least one connected pair, not only connected pairs), which is what block-sparse
    attention computes anyway. A sliding window and global tokens can be added (one
    :class:`~effattn.block_mask.MaskRule` holding both, united with ``|``).
+   With many tokens per block and few clusters, nearly every block holds nearly every cluster and the
+   ``any`` rule keeps nearly every pair. ``predict(top_k=...)`` ranks the kv blocks of each q block by
+   their number of connected token pairs instead (cluster histograms per block, one matmul on the block
+   grid) and keeps the ``top_k`` best.
 
 The predicted mask is not causal: intersect it with :meth:`BlockMask.causal` (``&``) for a decoder.
 """
@@ -37,6 +52,7 @@ import torch
 from torch import nn
 
 from effattn.block_mask import DEFAULT_BLOCK_SIZE, FULL, KIND_DTYPE, BlockMask, MaskRule, _int
+from effattn.kernels.cluster_blocks import WORD_BITS, cluster_block_edges, cluster_block_kinds_auto
 
 __all__ = ["SparseFinder", "gold_positives"]
 
@@ -170,6 +186,9 @@ class SparseFinder(nn.Module):
         std = 1.0 / math.sqrt(self.head_dim)
         self.W_q = nn.Parameter(torch.randn(self.n_heads, self.head_dim, self.rank, generator=g) * std)
         self.W_k = nn.Parameter(torch.randn(self.n_heads, self.head_dim, self.rank, generator=g) * std)
+        self.register_buffer("q_center", torch.zeros(self.n_heads, self.head_dim))
+        self.register_buffer("k_center", torch.zeros(self.n_heads, self.head_dim))
+        self.register_buffer("centers_fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("centroids", torch.zeros(self.n_heads, self.n_clusters, self.rank))
         self.register_buffer("clusters_fitted", torch.zeros((), dtype=torch.bool))
         self._gen = torch.Generator().manual_seed(self.seed + 1)  # negative sampling (CPU draws)
@@ -181,12 +200,36 @@ class SparseFinder(nn.Module):
     # ------------------------------------------------------------------------------------------
     # projection and loss
     # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_centers(self, q, k) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head means of the queries and keys of ``q, k`` (tensors, or sequences of tensors, pairwise
+        alike), ``(H, D)`` each, stored as :attr:`q_center` / :attr:`k_center` and subtracted by
+        :meth:`project` (module notes, step 1). Returns them."""
+        qs, ks = _batches("q", q), _batches("k", k)
+        if len(qs) != len(ks):
+            raise ValueError(f"q and k have {len(qs)} and {len(ks)} batches")
+        q_sum = k_sum = 0.0
+        q_n = k_n = 0
+        for qb, kb in zip(qs, ks):
+            qb, kb = _qk(qb, kb, self.n_heads, self.head_dim)
+            q_sum = q_sum + qb.double().sum(dim=(0, 2))
+            k_sum = k_sum + kb.double().sum(dim=(0, 2))
+            q_n += qb.shape[0] * qb.shape[2]
+            k_n += kb.shape[0] * kb.shape[2]
+        self.q_center.copy_((q_sum / q_n).to(self.q_center))
+        self.k_center.copy_((k_sum / k_n).to(self.k_center))
+        self.centers_fitted.fill_(True)
+        return self.q_center, self.k_center
+
     def project(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q' (B, H, Tq, r)``, ``k' (B, H, Tk, r)`` (float32 or wider; k's heads repeated under GQA)."""
+        """``q' = (q - q_center) W_q (B, H, Tq, r)``, ``k' = (k - k_center) W_k (B, H, Tk, r)`` (float32 or
+        wider; k's heads repeated under GQA; the centres are 0 until :meth:`fit_centers`)."""
         q, k = _qk(q, k, self.n_heads, self.head_dim)
         dtype = torch.promote_types(q.dtype, self.W_q.dtype)
-        qp = torch.einsum("bhtd,hdr->bhtr", q.to(dtype), self.W_q.to(dtype))
-        kp = torch.einsum("bhtd,hdr->bhtr", k.to(dtype), self.W_k.to(dtype))
+        qc = q.to(dtype) - self.q_center.to(q.device, dtype)[:, None]
+        kc = k.to(dtype) - self.k_center.to(k.device, dtype)[:, None]
+        qp = torch.einsum("bhtd,hdr->bhtr", qc, self.W_q.to(dtype))
+        kp = torch.einsum("bhtd,hdr->bhtr", kc, self.W_k.to(dtype))
         return qp, kp
 
     def loss(self, q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
@@ -221,12 +264,15 @@ class SparseFinder(nn.Module):
     def fit(self, q_batches, k_batches, steps: int = 100, lr: float = 1e-2, *, scale: float | None = None,
             chunk: int = DEFAULT_CHUNK, clusters: bool = True) -> list[float]:
         """Train ``W_q, W_k`` with Adam for ``steps`` steps, cycling over the batches (tensors, or sequences of
-        tensors, pairwise alike), then (``clusters``) :meth:`fit_clusters` on all of them. Returns the losses."""
+        tensors, pairwise alike), then (``clusters``) :meth:`fit_clusters` on all of them. The centres are
+        fitted first on all the batches (:meth:`fit_centers`) unless they already are. Returns the losses."""
         qs, ks = _batches("q_batches", q_batches), _batches("k_batches", k_batches)
         if len(qs) != len(ks):
             raise ValueError(f"q_batches and k_batches have {len(qs)} and {len(ks)} batches")
         steps = _int("steps", steps, minimum=0)
         lr = _float("lr", lr, 0.0, math.inf, lo_open=True)
+        if not bool(self.centers_fitted):
+            self.fit_centers(qs, ks)
         opt = torch.optim.Adam([self.W_q, self.W_k], lr=lr)
         history = []
         for step in range(steps):
@@ -253,6 +299,8 @@ class SparseFinder(nn.Module):
         if len(qs) != len(ks):
             raise ValueError(f"q and k have {len(qs)} and {len(ks)} batches")
         max_points = _int("max_points", max_points, minimum=1)
+        if not bool(self.centers_fitted):
+            self.fit_centers(qs, ks)
         pts = []
         for qb, kb in zip(qs, ks):
             qp, kp = self.project(qb, kb)
@@ -290,42 +338,71 @@ class SparseFinder(nn.Module):
             raise RuntimeError("SparseFinder has no clusters yet: call fit_clusters(q, k) (or fit) first")
 
     @torch.no_grad()
-    def memberships(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """bool ``(B, H, Tq, C)`` and ``(B, H, Tk, C)``: the ``top_c`` nearest centroids of each token."""
+    def cluster_ids(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 ``(B, H, Tq, top_c)`` and ``(B, H, Tk, top_c)``: the ids of each token's ``top_c`` nearest
+        centroids (nearest first)."""
         self._require_clusters()
         qp, kp = self.project(q, k)
         cent = self.centroids.to(qp.device, qp.dtype)
-        return self._members(qp, cent), self._members(kp, cent)
+        return self._nearest(qp, cent), self._nearest(kp, cent)
 
-    def _members(self, x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def memberships(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bool ``(B, H, Tq, C)`` and ``(B, H, Tk, C)``: the ``top_c`` nearest centroids of each token."""
+        qi, ki = self.cluster_ids(q, k)
+        return self._one_hot(qi), self._one_hot(ki)
+
+    def _nearest(self, x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
         B, H, T, r = x.shape
         d = torch.cdist(x, cent[None].expand(B, H, -1, -1))  # (B, H, T, C)
-        idx = d.topk(self.top_c, dim=-1, largest=False).indices
-        return torch.zeros(d.shape, dtype=torch.bool, device=d.device).scatter_(-1, idx, True)
+        return d.topk(self.top_c, dim=-1, largest=False).indices.to(torch.int32)
+
+    def _one_hot(self, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*ids.shape[:3], self.n_clusters, dtype=torch.bool, device=ids.device)
+        return out.scatter_(-1, ids.long(), True)
 
     # ------------------------------------------------------------------------------------------
     # the block mask
     # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _block_sets(member: torch.Tensor, block: int) -> torch.Tensor:
-        """bool ``(B, H, nBlocks, C)``: the clusters present among each block's tokens (ragged last block padded)."""
-        B, H, T, C = member.shape
-        nb = (T + block - 1) // block
-        pad = nb * block - T
-        if pad:
-            member = torch.cat([member, member.new_zeros(B, H, pad, C)], dim=2)
-        return member.view(B, H, nb, block, C).any(dim=3)
+    def predict_flops(self, q_len: int, kv_len: int, *, batch: int = 1, block_size=DEFAULT_BLOCK_SIZE,
+                      top_k: int | None = None) -> int:
+        """Analytic floating-point and bit operations of :meth:`predict` for ``batch`` sequences of
+        ``q_len`` queries and ``kv_len`` keys (a multiply-add counts 2; top-k selection and the index
+        lists of the mask are not counted). Per head and token: centring ``D``, projection ``2 D r``,
+        distances to the ``C`` centroids ``3 C r``; per ``(q block, kv block)`` pair: an AND and an OR
+        per bitset word, or with ``top_k`` the histogram product ``2 C`` (plus ``top_c`` histogram adds
+        per token). Set it against :func:`effattn.sparsity.saved_attention_flops`."""
+        q_len, kv_len = _int("q_len", q_len, minimum=1), _int("kv_len", kv_len, minimum=1)
+        batch = _int("batch", batch, minimum=1)
+        bq, bk = BlockMask.from_dense_blocks(torch.zeros(1, 1, 1, 1, dtype=torch.bool), 1, 1, block_size).block_size
+        D, r, C = self.head_dim, self.rank, self.n_clusters
+        per_token = D + 2 * D * r + 3 * C * r
+        pairs = -(-q_len // bq) * -(-kv_len // bk)
+        if top_k is None:
+            grid = pairs * 2 * -(-C // WORD_BITS)
+        else:
+            per_token += self.top_c
+            grid = pairs * 2 * C
+        return batch * self.n_heads * ((q_len + kv_len) * per_token + grid)
 
     @torch.no_grad()
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, window=None, n_global: int = 0,
-                block_size=DEFAULT_BLOCK_SIZE, bottom_right: bool = True) -> BlockMask:
+                block_size=DEFAULT_BLOCK_SIZE, bottom_right: bool = True, top_k: int | None = None,
+                use_kernel: bool | None = None) -> BlockMask:
         """The predicted :class:`BlockMask` ``(B, H, nQb, nKb)`` of ``q (B, H, Tq, D)``, ``k (B, H|Hkv, Tk, D)``.
 
         A block pair is FULL iff some query of the q block and some key of the kv block share a cluster,
         else NONE (no rule: a superset of the token graph, see the module notes). ``window`` (``w`` or
         ``(left, right)``, keys ``i + off - left <= j <= i + off + right``, ``off = Tk - Tq`` with
         ``bottom_right``) and ``n_global`` (rows and columns ``< n_global``) are united in as one
-        :class:`MaskRule`."""
+        :class:`MaskRule`. The block pairs come from ``effattn.kernels.cluster_blocks`` (the Triton kernels on
+        CUDA, the torch reference elsewhere; ``use_kernel`` forces the choice).
+
+        ``top_k``: keep, per q block, only the ``top_k`` kv blocks with the most connected token pairs
+        (``cluster_block_edges``: cluster histograms per block, one matmul on the block grid), among those
+        with any; ties broken towards lower kv blocks. With many tokens per block the ``any`` rule keeps
+        nearly every pair; ``top_k`` trades recall for sparsity. The window and global tokens are united
+        in afterwards, on top of the ``top_k``."""
         self._require_clusters()
         n_global = _int("n_global", n_global, minimum=0)
         if window is not None:
@@ -338,9 +415,15 @@ class SparseFinder(nn.Module):
         # block sizes checked by BlockMask (powers of two >= 16); read them here once
         bq, bk = BlockMask.from_dense_blocks(torch.zeros(1, 1, 1, 1, dtype=torch.bool), 1, 1, block_size).block_size
         q, k = _qk(q, k, self.n_heads, self.head_dim)
-        mq, mk = self.memberships(q, k)
-        sq, sk = self._block_sets(mq, bq).float(), self._block_sets(mk, bk).float()
-        kept = (sq @ sk.transpose(-1, -2)) > 0  # (B, H, nQb, nKb): cluster sets intersect
+        if top_k is not None:
+            top_k = _int("top_k", top_k, minimum=1)
+        qi, ki = self.cluster_ids(q, k)
+        if top_k is None:
+            kept = cluster_block_kinds_auto(qi, ki, self.n_clusters, (bq, bk), use_kernel=use_kernel)
+        else:
+            edges = cluster_block_edges(qi, ki, self.n_clusters, (bq, bk))  # (B, H, nQb, nKb)
+            ranked = edges.topk(min(top_k, edges.shape[-1]), dim=-1, sorted=False)
+            kept = torch.zeros_like(edges, dtype=torch.bool).scatter_(-1, ranked.indices, ranked.values > 0)
         Tq, Tk = q.shape[2], k.shape[2]
         mask = BlockMask.from_block_kinds(kept.to(KIND_DTYPE) * FULL, Tq, Tk, (bq, bk))
         if window is None and n_global == 0:
