@@ -260,10 +260,12 @@ def write_plot(path: Path, rows) -> str | None:
     curves: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in rows:
         curves.setdefault((r["predictor"], r["layer"]), []).append((r["sparsity"], r["recall"]))
+    colors = {pred: f"C{i}" for i, pred in enumerate(sorted({pred for pred, _ in curves}))}  # one per predictor
     for (pred, layer), pts in sorted(curves.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-                linestyle="--" if pred == "oracle" else "-", label=f"{pred} L{layer}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[pred], marker="os^vD"[layer % 5], ms=3,
+                linestyle="--" if pred == "oracle" else "-", alpha=1.0 if layer == 0 else 0.6,
+                label=f"{pred} L{layer}")
     ax.set_xlabel("block sparsity (share of blocks cut)")
     ax.set_ylabel("attention recall")
     ax.set_xlim(0, 1)
