@@ -427,7 +427,7 @@ class PredictorProvider(Provider):
         def bind(m):
             if self.name == "gate":
                 return lambda q, k: m.predict(q, k, top_k=kept_top_k(case))
-            return lambda q, k: m.predict(q, k, block_size=block)
+            return lambda q, k: m.predict(q, k, block_size=block, top_k=kept_top_k(case))
 
         predict = bind(module)
         predict.reference = bind(copy.deepcopy(module).double())

@@ -9,7 +9,7 @@ Every token belongs to ``top_c`` clusters (its nearest k-means centroids), given
    ``c // 32`` is set iff some token of the block has cluster ``c`` among its ids. Output
    ``(B, H, nBlocks, n_words)`` int32 (all 32 bits used: a word with bit 31 set is negative).
    One program per ``(block, head, batch)``; each token sets one bit per id, and the words are an OR
-   reduction over the block's tokens (``WORD_TILE`` words at a time).
+   reduction over the block's tokens (``TOKEN_TILE`` tokens and ``WORD_TILE`` words at a time).
 2. **Pairs** (:func:`cluster_block_pairs`). q block ``m`` and kv block ``n`` are kept iff their
    bitsets intersect: ``OR_w (Q_BITS[m, w] & K_BITS[n, w]) != 0``. Output ``(B, H, nQb, nKb)`` bool.
    One program per ``(TILE_M q blocks, head, batch)``, looping over tiles of ``TILE_N`` kv blocks.
@@ -45,8 +45,10 @@ __all__ = ["WORD_BITS", "cluster_bitsets", "cluster_bitsets_reference", "cluster
 WORD_BITS = 32  # clusters per int32 word of a bitset
 MIN_BLOCK = 16
 MAX_WORD_TILE = 32  # words (1024 clusters) reduced at once by the bitset kernel
+MAX_TOKEN_TILE = 128  # tokens of a block read at once by the bitset kernel (larger blocks: a loop)
 TILE_M, TILE_N = 64, 64  # (q blocks, kv blocks) per tile of the pair kernel
-NUM_WARPS = 4
+NUM_WARPS = 4  # bitset kernel
+PAIR_NUM_WARPS = 8  # pair kernel: a 64 x 64 int32 tile held across 256 threads
 
 # Every output buffer comes from here (tests swap in a poisoning allocator).
 _alloc = torch.empty
@@ -74,29 +76,30 @@ def _cluster_bitset_kernel(
     stride_ib, stride_ih, stride_it, stride_ic,
     stride_bb, stride_bh, stride_bn, stride_bw,
     T, top_c, n_clusters, n_words,
-    BLOCK: tl.constexpr, WORD_TILE: tl.constexpr, WORD_BITS: tl.constexpr,
+    BLOCK: tl.constexpr, TOKEN_TILE: tl.constexpr, WORD_TILE: tl.constexpr, WORD_BITS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    offs_t = pid_n * BLOCK + tl.arange(0, BLOCK)
-    t_ok = offs_t < T
     offs_w = tl.arange(0, WORD_TILE)
-    ids_base = IDS + tl.cast(b, tl.int64) * stride_ib + tl.cast(h, tl.int64) * stride_ih + offs_t * stride_it
+    ids_base = IDS + tl.cast(b, tl.int64) * stride_ib + tl.cast(h, tl.int64) * stride_ih
     out_base = BITS + tl.cast(b, tl.int64) * stride_bb + tl.cast(h, tl.int64) * stride_bh + \
         tl.cast(pid_n, tl.int64) * stride_bn
-    one = tl.full([BLOCK], 1, dtype=tl.int32)
+    one = tl.full([TOKEN_TILE], 1, dtype=tl.int32)
     for w0 in range(0, n_words, WORD_TILE):
         words = tl.zeros([WORD_TILE], dtype=tl.int32)
-        for j in range(0, top_c):
-            # -- each token's id: its word and its bit --
-            ids = tl.load(ids_base + j * stride_ic, mask=t_ok, other=-1)
-            ok = t_ok & (ids >= 0) & (ids < n_clusters)
-            word = tl.where(ok, ids // WORD_BITS, -1)
-            bit = one << tl.where(ok, ids % WORD_BITS, 0)
-            # -- OR of the block's bits, word by word --
-            hit = word[:, None] == (w0 + offs_w)[None, :]
-            words = words | tl.reduce(tl.where(hit, bit[:, None], 0), 0, _bit_or)
+        for t0 in range(0, BLOCK, TOKEN_TILE):  # the block's tokens, TOKEN_TILE at a time
+            offs_t = pid_n * BLOCK + t0 + tl.arange(0, TOKEN_TILE)
+            t_ok = offs_t < T
+            for j in range(0, top_c):
+                # -- each token's id: its word and its bit --
+                ids = tl.load(ids_base + offs_t * stride_it + j * stride_ic, mask=t_ok, other=-1)
+                ok = t_ok & (ids >= 0) & (ids < n_clusters)
+                word = tl.where(ok, ids // WORD_BITS, -1)
+                bit = one << tl.where(ok, ids % WORD_BITS, 0)
+                # -- OR of the tokens' bits, word by word --
+                hit = word[:, None] == (w0 + offs_w)[None, :]
+                words = words | tl.reduce(tl.where(hit, bit[:, None], 0), 0, _bit_or)
         tl.store(out_base + (w0 + offs_w) * stride_bw, words, mask=(w0 + offs_w) < n_words)
 
 
@@ -201,8 +204,8 @@ def cluster_bitsets(ids: torch.Tensor, n_clusters: int, block: int) -> torch.Ten
     _check_ids("ids", ids)
     n_clusters, block = _check_n_clusters(n_clusters), _check_block("block", block)
     _kernel_device_ok(ids, "cluster_bitsets")
-    if ids.dtype != torch.int32:
-        ids = ids.to(torch.int32)
+    if ids.dtype != torch.int32:  # out-of-range ids become -1 first: a cast would wrap them into range
+        ids = torch.where((ids >= 0) & (ids < n_clusters), ids, -1).to(torch.int32)
     B, H, T, top_c = ids.shape
     nb, W = _num_blocks(T, block), num_words(n_clusters)
     bits = _alloc(B, H, nb, W, dtype=torch.int32, device=ids.device)
@@ -211,8 +214,8 @@ def cluster_bitsets(ids: torch.Tensor, n_clusters: int, block: int) -> torch.Ten
             return bits.zero_()
         _cluster_bitset_kernel[(nb, H, B)](
             ids, bits, *ids.stride(), *bits.stride(), T, top_c, n_clusters, W,
-            BLOCK=block, WORD_TILE=min(triton.next_power_of_2(W), MAX_WORD_TILE), WORD_BITS=WORD_BITS,
-            num_warps=NUM_WARPS,
+            BLOCK=block, TOKEN_TILE=min(block, MAX_TOKEN_TILE),
+            WORD_TILE=min(triton.next_power_of_2(W), MAX_WORD_TILE), WORD_BITS=WORD_BITS, num_warps=NUM_WARPS,
         )
     return bits
 
@@ -229,7 +232,7 @@ def cluster_block_pairs(q_bits: torch.Tensor, k_bits: torch.Tensor) -> torch.Ten
     if out.numel():
         _cluster_pairs_kernel[(triton.cdiv(nq, TILE_M), H, B)](
             q_bits, k_bits, out, *q_bits.stride(), *k_bits.stride(), *out.stride(), nq, nk, W,
-            TILE_M=TILE_M, TILE_N=TILE_N, num_warps=NUM_WARPS,
+            TILE_M=TILE_M, TILE_N=TILE_N, num_warps=PAIR_NUM_WARPS,
         )
     return out.view(torch.bool)
 
@@ -314,11 +317,11 @@ def cluster_histograms(ids: torch.Tensor, n_clusters: int, block: int) -> torch.
 
 
 def cluster_block_edges(q_ids: torch.Tensor, k_ids: torch.Tensor, n_clusters: int, block_size) -> torch.Tensor:
-    """float32 ``(B, H, nQb, nKb)``: connected (query, key, shared cluster) triples per block pair, i.e.
+    """float64 ``(B, H, nQb, nKb)``: connected (query, key, shared cluster) triples per block pair, i.e.
     ``hist_q @ hist_k^T`` of :func:`cluster_histograms` (the number of token pairs sharing a cluster when
-    each token has one id). Exact integers (counts below 2^24). Zero iff :func:`cluster_block_kinds`
-    cuts the pair."""
+    each token has one id). Exact integers: the product runs in float64 (no reduced-precision matmul
+    path), on the small block grid. Zero iff :func:`cluster_block_kinds` cuts the pair."""
     _check_pair(q_ids, k_ids)
     bq, bk = _block_pair(block_size)
     hq, hk = cluster_histograms(q_ids, n_clusters, bq), cluster_histograms(k_ids, n_clusters, bk)
-    return hq @ hk.transpose(-1, -2)
+    return hq.double() @ hk.double().transpose(-1, -2)

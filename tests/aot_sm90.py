@@ -80,9 +80,11 @@ VARIANTS += [("block attention map bf16 D64 causal", "attn_map", "bf16", 64, (64
               dict(CAUSAL=True, WITH_SUM=True))]
 # SparseFinder's cluster bitsets (block of 128 tokens, a tile of 32 words) and block pairs (64 x 64 tiles)
 VARIANTS += [("cluster bitsets block 128 32 words", "cluster_bitsets", "fp32", 0, (128, 0, cbk.NUM_WARPS, 1), None,
-              dict(BLOCK=128, WORD_TILE=cbk.MAX_WORD_TILE, WORD_BITS=cbk.WORD_BITS)),
-             ("cluster block pairs", "cluster_pairs", "fp32", 0, (cbk.TILE_M, cbk.TILE_N, cbk.NUM_WARPS, 1), None,
-              dict(TILE_M=cbk.TILE_M, TILE_N=cbk.TILE_N))]
+              dict(BLOCK=128, TOKEN_TILE=cbk.MAX_TOKEN_TILE, WORD_TILE=cbk.MAX_WORD_TILE, WORD_BITS=cbk.WORD_BITS)),
+             ("cluster bitsets block 1024 1 word", "cluster_bitsets", "fp32", 0, (1024, 0, cbk.NUM_WARPS, 1), None,
+              dict(BLOCK=1024, TOKEN_TILE=cbk.MAX_TOKEN_TILE, WORD_TILE=1, WORD_BITS=cbk.WORD_BITS)),
+             ("cluster block pairs", "cluster_pairs", "fp32", 0, (cbk.TILE_M, cbk.TILE_N, cbk.PAIR_NUM_WARPS, 1),
+              None, dict(TILE_M=cbk.TILE_M, TILE_N=cbk.TILE_N))]
 SPARSE_DROPS = ("MASK_KIND", "MASK_ROW_BCAST", "HAS_DROPOUT", "POOL", "POOL_MAX", "POOL_CLS")
 
 

@@ -55,6 +55,7 @@ CASES = [  # B, H, Tq, Tk, n_clusters, top_c, block_size
     (1, 1, 150, 90, 64, 1, 64),         # exactly 2 words
     (2, 1, 1, 1, 3, 1, 16),             # one token each
     (1, 2, 77, 77, 33, 2, (32, 16)),    # bit 0 of a second word, bit 31 of the first
+    (1, 1, 600, 300, 10, 1, (256, 128)),  # blocks above the kernel's token tile: read in two tiles
 ]
 
 
@@ -97,6 +98,15 @@ def test_many_words_and_strided_ids(device):
     assert torch.equal(bits, cb.cluster_bitsets_reference(q_ids, n_clusters, 16))
 
 
+def test_ids_beyond_int32_are_ignored(device):
+    """int64 ids past int32's range are out of range, not wrapped into it by the int32 conversion."""
+    ids = torch.full((1, 1, 20, 1), 2 ** 32 + 5, dtype=torch.int64)
+    ids[0, 0, 3, 0] = 2
+    got = cb.cluster_bitsets(ids.to(device), 8, 16).cpu()
+    assert torch.equal(got, cb.cluster_bitsets_reference(ids, 8, 16))
+    assert got.flatten().tolist() == [1 << 2, 0]
+
+
 def test_pairs_kernel_tiles(device):
     """More q and kv blocks than one tile of the pair kernel, from random bitsets (sign bit included)."""
     g = torch.Generator().manual_seed(5)
@@ -127,7 +137,7 @@ def test_edge_counts_match_dense(B, H, Tq, Tk, n_clusters, top_c, block_size):
     shared = pq @ pk.transpose(-1, -2)  # (B, H, Tq, Tk): clusters each token pair shares
     want = pool_token_pairs(shared, bq, bk, "sum")
     got = cb.cluster_block_edges(q_ids, k_ids, n_clusters, block_size)
-    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert got.dtype == torch.float64 and torch.equal(got, want.double())
     assert torch.equal(got > 0, cb.cluster_block_kinds_reference(q_ids, k_ids, n_clusters, block_size))
 
 

@@ -128,9 +128,22 @@ def test_predict_top_k(top_k):
     lowest_kept = torch.where(kept, counts, torch.inf).amin(-1)
     highest_cut = torch.where(kept, -torch.inf, counts).amax(-1)
     assert bool((lowest_kept >= highest_cut).all())
-    # the window is united in on top of the top_k
-    windowed = sf.predict(q, k, block_size=block, top_k=top_k, window=8)
-    assert bool((windowed.to_dense() >= sf.predict(q, k, block_size=block, top_k=top_k).to_dense()).all())
+    # the window is united in on top of the top_k: exactly the union of the two
+    windowed = sf.predict(q, k, block_size=block, top_k=top_k, window=8).to_dense()
+    alone = sf.predict(q, k, block_size=block, top_k=top_k).to_dense()
+    window = BlockMask.sliding_window(Tq, Tk, 8, 8, block).to_dense()
+    assert torch.equal(windowed, alone | window)
+
+
+def test_predict_top_k_ties_go_to_lower_blocks():
+    """One cluster: every block pair counts the same edges; top_k keeps the first top_k kv blocks."""
+    q, k = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 1024, 8)
+    sf = SparseFinder(2, 8, rank=2, n_clusters=1, seed=0)
+    sf.fit_clusters(q, k)
+    kinds = sf.predict(q, k, block_size=16, top_k=3).block_kinds()
+    want = torch.zeros(kinds.shape, dtype=torch.bool)
+    want[..., :3] = True
+    assert torch.equal(kinds == FULL, want)
     with pytest.raises(ValueError, match="top_k"):
         sf.predict(q, k, top_k=0)
 

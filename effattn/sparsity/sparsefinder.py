@@ -369,20 +369,16 @@ class SparseFinder(nn.Module):
         """Analytic floating-point and bit operations of :meth:`predict` for ``batch`` sequences of
         ``q_len`` queries and ``kv_len`` keys (a multiply-add counts 2; top-k selection and the index
         lists of the mask are not counted). Per head and token: centring ``D``, projection ``2 D r``,
-        distances to the ``C`` centroids ``3 C r``; per ``(q block, kv block)`` pair: an AND and an OR
-        per bitset word, or with ``top_k`` the histogram product ``2 C`` (plus ``top_c`` histogram adds
-        per token). Set it against :func:`effattn.sparsity.saved_attention_flops`."""
+        distances to the ``C`` centroids ``3 C r``, one OR (bitset) or add (histogram) per cluster id
+        ``top_c``; per ``(q block, kv block)`` pair: an AND and an OR per bitset word, or with ``top_k``
+        the histogram product ``2 C``. Set it against :func:`effattn.sparsity.saved_attention_flops`."""
         q_len, kv_len = _int("q_len", q_len, minimum=1), _int("kv_len", kv_len, minimum=1)
         batch = _int("batch", batch, minimum=1)
         bq, bk = BlockMask.from_dense_blocks(torch.zeros(1, 1, 1, 1, dtype=torch.bool), 1, 1, block_size).block_size
         D, r, C = self.head_dim, self.rank, self.n_clusters
-        per_token = D + 2 * D * r + 3 * C * r
+        per_token = D + 2 * D * r + 3 * C * r + self.top_c
         pairs = -(-q_len // bq) * -(-kv_len // bk)
-        if top_k is None:
-            grid = pairs * 2 * -(-C // WORD_BITS)
-        else:
-            per_token += self.top_c
-            grid = pairs * 2 * C
+        grid = pairs * 2 * (-(-C // WORD_BITS) if top_k is None else C)
         return batch * self.n_heads * ((q_len + kv_len) * per_token + grid)
 
     @torch.no_grad()
@@ -399,10 +395,11 @@ class SparseFinder(nn.Module):
         CUDA, the torch reference elsewhere; ``use_kernel`` forces the choice).
 
         ``top_k``: keep, per q block, only the ``top_k`` kv blocks with the most connected token pairs
-        (``cluster_block_edges``: cluster histograms per block, one matmul on the block grid), among those
-        with any; ties broken towards lower kv blocks. With many tokens per block the ``any`` rule keeps
-        nearly every pair; ``top_k`` trades recall for sparsity. The window and global tokens are united
-        in afterwards, on top of the ``top_k``."""
+        (``cluster_block_edges``: cluster histograms per block, one matmul on the block grid; plain torch,
+        ``use_kernel`` does not apply), among those with any; ties go to the lower kv block, on every
+        device. With many tokens per block the ``any`` rule keeps nearly every pair; ``top_k`` trades
+        recall for sparsity. The window and global tokens are united in afterwards, on top of the
+        ``top_k``."""
         self._require_clusters()
         n_global = _int("n_global", n_global, minimum=0)
         if window is not None:
@@ -421,9 +418,12 @@ class SparseFinder(nn.Module):
         if top_k is None:
             kept = cluster_block_kinds_auto(qi, ki, self.n_clusters, (bq, bk), use_kernel=use_kernel)
         else:
-            edges = cluster_block_edges(qi, ki, self.n_clusters, (bq, bk))  # (B, H, nQb, nKb)
-            ranked = edges.topk(min(top_k, edges.shape[-1]), dim=-1, sorted=False)
-            kept = torch.zeros_like(edges, dtype=torch.bool).scatter_(-1, ranked.indices, ranked.values > 0)
+            edges = cluster_block_edges(qi, ki, self.n_clusters, (bq, bk)).long()  # (B, H, nQb, nKb), exact
+            nk = edges.shape[-1]
+            # one exact integer key per block: the count first, then the lower kv block (deterministic ties)
+            key = edges * nk + (nk - 1 - torch.arange(nk, device=edges.device))
+            picked = key.topk(min(top_k, nk), dim=-1).indices
+            kept = torch.zeros_like(edges, dtype=torch.bool).scatter_(-1, picked, edges.gather(-1, picked) > 0)
         Tq, Tk = q.shape[2], k.shape[2]
         mask = BlockMask.from_block_kinds(kept.to(KIND_DTYPE) * FULL, Tq, Tk, (bq, bk))
         if window is None and n_global == 0:
