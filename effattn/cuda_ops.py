@@ -142,6 +142,21 @@ def _kwargs_ok(dropout_p: float) -> None:
 # ----------------------------------------------------------------------------------------------
 # dense and pooled attention
 # ----------------------------------------------------------------------------------------------
+def _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, pool):
+    """Checks and launch parameters shared by :func:`attn_forward` and :func:`attn_backward`:
+    ``(ext, kind, params, keep)``, ``keep`` holding the tensors ``params`` points into."""
+    kind = _device_kind(q)
+    _check_qkv(q, k, v, kind)
+    _kwargs_ok(dropout_p)
+    ext = _ext.load()
+    p = _params(ext, q, k, v, scale=scale, kind=kind)
+    _set_pool(p, pool, q.shape[2])
+    p.window_left, p.window_right, p.diag_offset = int(window_left), int(window_right), int(diag_offset)
+    keep: list[torch.Tensor] = []
+    _set_mask(ext, p, mask, q, keep)
+    return ext, kind, p, keep
+
+
 def attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, scale: float,
                  window_left: int = -1, window_right: int = -1, diag_offset: int = 0, dropout_p: float = 0.0,
                  seed: int = 0, pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,15 +168,7 @@ def attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     (float32, float64 for float64 inputs).
     """
     del seed
-    kind = _device_kind(q)
-    _check_qkv(q, k, v, kind)
-    _kwargs_ok(dropout_p)
-    ext = _ext.load()
-    p = _params(ext, q, k, v, scale=scale, kind=kind)
-    _set_pool(p, pool, q.shape[2])
-    p.window_left, p.window_right, p.diag_offset = int(window_left), int(window_right), int(diag_offset)
-    keep: list[torch.Tensor] = []
-    _set_mask(ext, p, mask, q, keep)
+    ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, pool)
     out = _alloc(p.B, p.Hq, p.Tq, p.Dv, dtype=q.dtype, device=q.device)
     lse = _alloc(p.B, p.Hq, p.Tq, dtype=compute_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
@@ -179,15 +186,7 @@ def attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     forward's ``out`` and ``lse`` and optionally ``dlse (B, Hq, Tq)``. With ``pool``, dq is the gradient of
     the unpooled q (rows that feed no pooled row get 0)."""
     del seed
-    kind = _device_kind(q)
-    _check_qkv(q, k, v, kind)
-    _kwargs_ok(dropout_p)
-    ext = _ext.load()
-    p = _params(ext, q, k, v, scale=scale, kind=kind)
-    _set_pool(p, pool, q.shape[2])
-    p.window_left, p.window_right, p.diag_offset = int(window_left), int(window_right), int(diag_offset)
-    keep: list[torch.Tensor] = []
-    _set_mask(ext, p, mask, q, keep)
+    ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, pool)
     return _backward(ext, kind, p, dout, q, k, v, out, lse, dlse, pool, keep)
 
 
