@@ -67,9 +67,9 @@ if [[ " $PARTS " == *" cuda "* ]]; then
     echo "== C++/CUDA extension: build, tests on the GPU, compute-sanitizer (at most ${CUDA_TIMEOUT_S} s)"
     timeout -k "$KILL_AFTER_S" "$CUDA_TIMEOUT_S" bash -c '
         "$0" -c "from effattn import _ext; m = _ext.load(); print(\"extension built, CUDA:\", m.WITH_CUDA, m.CUDA_ARCHS)" &&
-        EFFATTN_TEST_DEVICE=cuda "$0" -m pytest tests/test_cuda_ext.py tests/test_cuda_backend.py tests/test_cpp_backend.py \
+        EFFATTN_TEST_DEVICE=cuda "$0" -m pytest tests/csrc/test_cuda_ext.py tests/csrc/test_cuda_backend.py tests/csrc/test_cpp_backend.py \
             -q -n 8 -p no:cacheprovider -rfs &&
-        compute-sanitizer --tool memcheck --error-exitcode 1 "$0" -m pytest tests/test_cuda_backend.py -q -x \
+        compute-sanitizer --tool memcheck --error-exitcode 1 "$0" -m pytest tests/csrc/test_cuda_backend.py -q -x \
             -p no:cacheprovider -k "sizes or unaligned or sparse_random or pooled"' "$PYTHON" 2>&1 \
         | tee "$OUT_DIR/tests_cuda_ext.log"
     cuda_rc=${PIPESTATUS[0]}
@@ -78,7 +78,7 @@ fi
 if [[ " $PARTS " == *" tests "* ]]; then
     echo "== tests on CUDA (at most ${TEST_TIMEOUT_S} s)"
     # EFFATTN_AUTOTUNE=0: one config per head-dim class (compile time stays bounded); every config of
-    # the tables is still compiled and checked by tests/test_kernel_configs.py. Workers compile in parallel.
+    # the tables is still compiled and checked by tests/kernels/test_kernel_configs.py. Workers compile in parallel.
     EFFATTN_TEST_DEVICE=cuda EFFATTN_AUTOTUNE=0 timeout -k "$KILL_AFTER_S" "$TEST_TIMEOUT_S" \
         "$PYTHON" -m pytest tests -q -n "${TEST_WORKERS:-16}" -p no:cacheprovider -rf -W ignore 2>&1 \
         | tee "$OUT_DIR/tests_cuda.log"

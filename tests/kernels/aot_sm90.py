@@ -1,8 +1,8 @@
 """Compile effattn's Triton kernels ahead of time for sm_90 (H100) without a GPU.
 
-Run as a script (``python -m tests.aot_sm90``) in a process where ``TRITON_INTERPRET`` is unset: it
+Run as a script (``python -m tests.kernels.aot_sm90``) in a process where ``TRITON_INTERPRET`` is unset: it
 compiles a set of kernel variants to cubin with Triton's bundled ptxas and prints one JSON line per
-variant (shared memory, registers, spill stack, or the error). ``tests/test_compile_sm90.py`` runs it.
+variant (shared memory, registers, spill stack, or the error). ``tests/kernels/test_compile_sm90.py`` runs it.
 This checks what the interpreter cannot: that the kernels lower to GPU code and fit the hardware.
 """
 

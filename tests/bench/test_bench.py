@@ -289,7 +289,7 @@ def test_micro_benchmark_suite_runs(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "bench/test_micro.py", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
          "--benchmark-json", str(tmp_path / "micro.json"), "--benchmark-min-rounds=1", "--benchmark-max-time=0.01",

@@ -19,8 +19,8 @@ SMEM_LIMIT = 227 * 1024
 def _compile_all():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-m", "tests.aot_sm90"], cwd=root, env=env, capture_output=True,
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, "-m", "tests.kernels.aot_sm90"], cwd=root, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
@@ -37,7 +37,7 @@ def _ptxas_available() -> bool:
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not present")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels for real")
 def test_kernels_compile_for_sm90():
-    from tests.aot_sm90 import VARIANTS
+    from tests.kernels.aot_sm90 import VARIANTS
 
     results = _compile_all()
     assert len(results) == len(VARIANTS)
