@@ -553,6 +553,33 @@ class BlockMask:
         random = torch.zeros(kinds.shape, dtype=torch.bool, device=kinds.device).scatter_(-1, picked, True)
         return base | cls.from_dense_blocks(random, q_len, kv_len, base.block_size)
 
+    @classmethod
+    def random(cls, q_len: int, kv_len: int, density: float, block_size=DEFAULT_BLOCK_SIZE, *, batch: int = 1,
+               heads: int = 1, per_row: bool = False, keep_diagonal: bool = False,
+               generator: torch.Generator | None = None, device=None) -> BlockMask:
+        """Random FULL blocks (no rule), for tests and benchmarks.
+
+        Each block is kept with probability ``density``; with ``per_row``, every ``(b, h, q block)`` row
+        keeps exactly ``max(1, round(density * nKb))`` blocks (a learned predictor's top-k). With
+        ``keep_diagonal`` the block holding each query block's first row on the diagonal is among them
+        (so no row is empty). Drawn from ``generator`` on the CPU (reproducible on any ``device``)."""
+        q_len, kv_len = _int("q_len", q_len, minimum=1), _int("kv_len", kv_len, minimum=1)
+        batch, heads = _int("batch", batch, minimum=1), _int("heads", heads, minimum=1)
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
+            raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+        bq, bk = _block_size(block_size)
+        nq, nk = _num_blocks(q_len, bq), _num_blocks(kv_len, bk)
+        scores = torch.rand(batch, heads, nq, nk, generator=generator)
+        if keep_diagonal:
+            rows = torch.arange(nq)
+            scores[:, :, rows, torch.clamp((rows * bq) // bk, max=nk - 1)] = 2.0  # above every draw
+        if per_row:
+            picked = scores.topk(max(1, round(density * nk)), dim=-1).indices
+            blocks = torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, picked, True)
+        else:
+            blocks = scores >= 1.0 - density  # probability density; the diagonal's 2.0 always
+        return cls.from_dense_blocks(blocks.to(device or "cpu"), q_len, kv_len, (bq, bk))
+
     # ------------------------------------------------------------------------------------------
     # FlexAttention
     # ------------------------------------------------------------------------------------------
