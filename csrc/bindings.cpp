@@ -6,10 +6,12 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "common/params.h"
 #include "cpu/attn_cpu.h"
+#include "cpu/simd.h"
 #ifdef EFFATTN_WITH_CUDA
 #include "cuda/launch.h"
 #endif
@@ -105,13 +107,24 @@ PYBIND11_MODULE(_C, m) {
       EA_FIELD(q_partial) EA_FIELD(q_full) EA_FIELD(rule_window_left) EA_FIELD(rule_window_right)
       EA_FIELD(rule_diag_offset) EA_FIELD(rule_n_global) EA_FIELD(q_seg) EA_FIELD(kv_seg)
       EA_FIELD(q_seg_sb) EA_FIELD(q_seg_st) EA_FIELD(kv_seg_sb) EA_FIELD(kv_seg_st)
-      EA_FIELD(stream) EA_FIELD(device) EA_FIELD(tile_m) EA_FIELD(tile_n);
+      EA_FIELD(stream) EA_FIELD(device) EA_FIELD(tile_m) EA_FIELD(tile_n) EA_FIELD(num_threads);
 #undef EA_FIELD
 
   m.def("cpu_forward", &cpu_forward, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "C++ CPU attention forward: writes out and lse.");
   m.def("cpu_backward", &cpu_backward, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "C++ CPU attention backward: writes delta, dq, dk, dv.");
+  m.def(
+      "cpu_set_isa",
+      [](const std::string& name) {
+        if (!cpu::set_isa(name.c_str()))
+          throw std::invalid_argument("effattn extension: instruction set '" + name +
+                                      "' is not available here (one of auto, avx512, avx2, portable)");
+      },
+      py::arg("name"),
+      "Micro-kernels of the C++ CPU implementation: 'auto' (the best this CPU supports), 'avx512', 'avx2' or "
+      "'portable'; ValueError if this CPU or build cannot run it. The initial choice is $EFFATTN_CPU_ISA, else auto.");
+  m.def("cpu_isa", [] { return std::string(cpu::isa_name()); }, "Micro-kernels the C++ CPU implementation uses.");
   m.def("cuda_forward", &run_cuda_forward, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "CUDA attention forward on params.stream: writes out and lse.");
   m.def("cuda_backward", &run_cuda_backward, py::arg("params"), py::call_guard<py::gil_scoped_release>(),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -32,10 +33,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 MODULE = "_C"
 DEFAULT_ARCHS = "80;90"
-CXX_SOURCES = ("bindings.cpp", "cpu/attn_cpu.cpp")
+CXX_SOURCES = ("bindings.cpp", "cpu/attn_cpu.cpp", "cpu/attn_tiled.cpp", "cpu/thread_pool.cpp",
+               "cpu/simd_portable.cpp", "cpu/simd_avx2.cpp", "cpu/simd_avx512.cpp")
+# Flags of the CPU micro-kernels compiled once per instruction set (x86-64 only; the run-time choice is in
+# csrc/cpu/simd_portable.cpp); -ffp-contract=fast lets a * b + c become one FMA in all of them.
+X86_ISA_FLAGS = {
+    "cpu/simd_avx2.cpp": ("-mavx2", "-mfma", "-mf16c"),
+    "cpu/simd_avx512.cpp": ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"),
+}
+SIMD_FLAGS = ("-ffp-contract=fast",)
 CUDA_SOURCES = ("cuda/launch.cu", "cuda/flash_fwd_hdim64.cu", "cuda/flash_fwd_hdim128.cu",
                 "cuda/flash_bwd_hdim64.cu", "cuda/flash_bwd_hdim128.cu")
-HEADERS = ("common/params.h", "common/attn_rules.h", "common/check.h", "cpu/attn_cpu.h", "cuda/launch.h",
+HEADERS = ("common/params.h", "common/attn_rules.h", "common/check.h", "cpu/attn_cpu.h", "cpu/attn_tiled.h",
+           "cpu/simd.h", "cpu/simd_kernels.inc", "cpu/thread_pool.h", "cuda/launch.h",
            "cuda/flash_kernels.cuh", "cuda/mma.cuh", "cuda/cuda_check.cuh")
 WARNING_FLAGS = ("-Wall", "-Wextra")
 
@@ -94,6 +104,10 @@ def cuda_lib_dir(nvcc: str) -> str:
             if os.path.isfile(os.path.join(home, sub, "libcudart_static.a")):
                 return os.path.join(home, sub)
     raise BuildError(f"libcudart_static.a not found (looked under {', '.join(filter(None, homes))}); set CUDA_HOME")
+
+
+def _x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def module_filename() -> str:
@@ -155,7 +169,7 @@ def write_ninja(cfg: Config, build_dir: str, output: str) -> str:
     py_inc = sysconfig.get_paths()["include"]
     cxx_flags = ["-std=c++17", "-fPIC", "-fvisibility=hidden", *opt, *WARNING_FLAGS,
                  f"-I{CSRC}", f"-I{py_inc}", f"-I{pybind11_include()}"]
-    ldflags = ["-shared"]
+    ldflags = ["-shared", "-pthread"]
     lines = ["ninja_required_version = 1.3", f"cxx = {cfg.cxx}"]
     if cfg.with_cuda:
         archs = ",".join(cfg.archs)
@@ -167,7 +181,7 @@ def write_ninja(cfg: Config, build_dir: str, output: str) -> str:
         lines += [f"nvcc = {_q(cfg.nvcc)}", "nvcc_flags = " + " ".join(nvcc_flags)]
         ldflags += [f"-L{cuda_lib_dir(cfg.nvcc)}", "-lcudart_static", "-lpthread", "-ldl", "-lrt"]
     lines += ["cxx_flags = " + " ".join(cxx_flags), "ldflags = " + " ".join(ldflags), "",
-              "rule cxx", "  command = $cxx -MMD -MF $out.d $cxx_flags -c $in -o $out", "  depfile = $out.d",
+              "rule cxx", "  command = $cxx -MMD -MF $out.d $cxx_flags $isa_flags -c $in -o $out", "  depfile = $out.d",
               "  deps = gcc", "  description = CXX $out", ""]
     if cfg.with_cuda:
         lines += ["rule nvcc", "  command = $nvcc -MD -MF $out.d $nvcc_flags -c $in -o $out", "  depfile = $out.d",
@@ -179,6 +193,9 @@ def write_ninja(cfg: Config, build_dir: str, output: str) -> str:
         obj = os.path.join(build_dir, src.replace("/", "_") + ".o")
         objects.append(obj)
         lines.append(f"build {_q(obj)}: {rule} {_q(os.path.join(CSRC, src))}")
+        if rule == "cxx" and src.startswith("cpu/simd_"):
+            isa = X86_ISA_FLAGS.get(src, ()) if _x86_64() else ()
+            lines.append("  isa_flags = " + " ".join((*SIMD_FLAGS, *isa)))
     lines += ["", f"build {_q(output)}: link " + " ".join(_q(o) for o in objects), "", f"default {_q(output)}", ""]
     os.makedirs(build_dir, exist_ok=True)
     path = os.path.join(build_dir, "build.ninja")

@@ -66,6 +66,7 @@ struct AttnParams {
   int64_t stream = 0;  // cudaStream_t as an integer (CUDA launchers)
   int device = 0;      // CUDA device index
   int tile_m = 32, tile_n = 32;  // CPU implementation's tile sizes (the CUDA kernels fix their own)
+  int num_threads = 0;           // CPU implementation's threads; 0 = the hardware's concurrency
 };
 
 }  // namespace effattn

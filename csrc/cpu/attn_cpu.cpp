@@ -1,10 +1,14 @@
 // C++ CPU implementation of effattn's tiled attention; see attn_cpu.h.
 //
+// float32, float16 and bfloat16 run the fast tiled path of attn_tiled.cpp (SIMD micro-kernels, a
+// thread pool). float64 runs the scalar implementation below, single-threaded, with the tiles of
+// params.tile_m x tile_n.
+//
 // The structure is that of the CUDA kernels (csrc/cuda/): the forward owns a tile of query rows and
 // walks the key tiles it may see with an online softmax; the backward owns a key tile for dK/dV
 // (walking the query tiles of every query head of its GQA group) and a query tile for dQ. Tile walks,
 // visibility, pooling and softmax bookkeeping are the shared functions of common/attn_rules.h.
-// Accumulation is float32 (float64 for float64 inputs).
+// Accumulation is float64.
 #include "attn_cpu.h"
 
 #include <algorithm>
@@ -13,26 +17,13 @@
 
 #include "../common/attn_rules.h"
 #include "../common/check.h"
+#include "attn_tiled.h"
 
 namespace effattn {
 namespace {
 
-struct Half {
-  uint16_t bits;
-};
-struct BFloat16 {
-  uint16_t bits;
-};
-
-inline float to_acc(float x) { return x; }
 inline double to_acc(double x) { return x; }
-inline float to_acc(Half x) { return fp16_bits_to_float(x.bits); }
-inline float to_acc(BFloat16 x) { return bf16_bits_to_float(x.bits); }
-
-inline void store(float* d, float x) { *d = x; }
 inline void store(double* d, double x) { *d = x; }
-inline void store(Half* d, float x) { d->bits = float_to_fp16_bits(x); }
-inline void store(BFloat16* d, float x) { d->bits = float_to_bf16_bits(x); }
 
 template <class T>
 const T* cptr(int64_t a) {
@@ -317,31 +308,19 @@ struct Attention {
 
 void cpu_forward(const AttnParams& p) {
   check_forward(p);
+  if (p.dtype != kFloat64) return cpu::tiled_forward(p);
   require(p.tile_m >= 1 && p.tile_n >= 1, "tile sizes must be >= 1");
-  switch (p.dtype) {
-    case kFloat32: Attention<float, float>(p).forward(); break;
-    case kFloat64: Attention<double, double>(p).forward(); break;
-    case kFloat16: Attention<Half, float>(p).forward(); break;
-    case kBFloat16: Attention<BFloat16, float>(p).forward(); break;
-    default: require(false, "unsupported dtype");
-  }
+  Attention<double, double>(p).forward();
 }
 
 void cpu_backward(const AttnParams& p) {
   check_backward(p);
+  if (p.dtype != kFloat64) return cpu::tiled_backward(p);
   require(p.tile_m >= 1 && p.tile_n >= 1, "tile sizes must be >= 1");
-  auto run = [](const auto& a) {
-    a.preprocess();
-    a.backward_dkdv();
-    a.backward_dq();
-  };
-  switch (p.dtype) {
-    case kFloat32: run(Attention<float, float>(p)); break;
-    case kFloat64: run(Attention<double, double>(p)); break;
-    case kFloat16: run(Attention<Half, float>(p)); break;
-    case kBFloat16: run(Attention<BFloat16, float>(p)); break;
-    default: require(false, "unsupported dtype");
-  }
+  const Attention<double, double> a(p);
+  a.preprocess();
+  a.backward_dkdv();
+  a.backward_dq();
 }
 
 }  // namespace effattn
