@@ -28,13 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-from effattn.kernels.flash_attn import INTERPRET, _block_d, _dot, _dot_precision, _on_tensor_device, _tile_ptrs
+from effattn import limits
+from effattn.kernels._attn_common import _dot, _tile_ptrs
+from effattn.kernels.flash_attn import INTERPRET, _block_d, _dot_precision, _on_tensor_device
 
 __all__ = ["block_attn_map", "block_attn_map_auto", "block_attn_map_reference", "num_blocks"]
 
 NUM_WARPS = 4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_BLOCK = 16  # tl.dot needs tiles of at least 16
+MIN_BLOCK = limits.MIN_BLOCK_SIZE  # tl.dot needs tiles of at least 16
 REFERENCE_CHUNK_ELEMENTS = 1 << 22  # scores per query-row chunk of the reference
 
 # Every output buffer comes from here (tests swap in a NaN-filling allocator).

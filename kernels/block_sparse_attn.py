@@ -5,7 +5,7 @@ block visits only its kept key blocks, read from the mask's compressed rows: fir
 where the mask's elementwise rule is applied (window / causal diagonal, segment ids, global tokens),
 then the FULL ones, which need no elementwise test beyond the sequence bounds. Work is proportional
 to the number of kept blocks. The online softmax and the backward recurrence are those of
-:mod:`effattn.kernels.flash_attn` (whose device helpers this file uses):
+:mod:`effattn.kernels.flash_attn`, from the same helpers (:mod:`effattn.kernels._attn_common`):
 
     P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P∘(dP - delta), dQ = scale·dS K, dK = scale·dS^T Q.
 
@@ -24,17 +24,24 @@ import torch
 import triton
 import triton.language as tl
 
+from effattn.kernels._attn_common import (
+    LOG2E,
+    _dot,
+    _head_base,
+    _load_row_stats,
+    _load_tile,
+    _online_softmax,
+    _scores_log2,
+    _softmax_epilogue,
+    _store_tile,
+)
 from effattn.kernels.flash_attn import (
     INTERPRET,
-    LOG2E,
     PREPROCESS_BLOCK_M,
     _block_d,
     _bwd_preprocess_kernel,
-    _dot,
     _dot_precision,
-    _load_lse2,
     _on_tensor_device,
-    _tile_ptrs,
 )
 
 NUM_WARPS = 4
@@ -69,24 +76,62 @@ def _rule_visible(rows, cols, b, window_left, window_right, diag_offset, n_globa
 
 
 @triton.jit
+def _visible(offs_m, offs_n, b, kpm_base, stride_mj, Tq, Tk, window_left, window_right, diag_offset, n_global,
+             QSEG, KSEG, stride_qsb, stride_qst, stride_ksb, stride_kst,
+             APPLY_RULE: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
+             HAS_SEGMENTS: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_KPM: tl.constexpr,
+             TRANSPOSED: tl.constexpr):
+    """Visibility of the tile of queries ``offs_m`` x keys ``offs_n`` (keys x queries if ``TRANSPOSED``):
+    in bounds, the elementwise rule where ``APPLY_RULE`` (PARTIAL blocks), and the key padding mask."""
+    if TRANSPOSED:
+        rows = offs_m[None, :]
+        cols = offs_n[:, None]
+    else:
+        rows = offs_m[:, None]
+        cols = offs_n[None, :]
+    visible = (rows < Tq) & (cols < Tk)
+    if APPLY_RULE:
+        visible = visible & _rule_visible(rows, cols, b, window_left, window_right, diag_offset, n_global, QSEG, KSEG,
+                                          stride_qsb, stride_qst, stride_ksb, stride_kst, Tq, Tk, HAS_WINDOW_LEFT,
+                                          HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL)
+    if HAS_KPM:
+        keep = tl.load(kpm_base + offs_n.to(tl.int64) * stride_mj, mask=offs_n < Tk, other=0)
+        if TRANSPOSED:
+            visible = visible & (keep[:, None] != 0)
+        else:
+            visible = visible & (keep[None, :] != 0)
+    return visible
+
+
+@triton.jit
 def _scores(q, kT, offs_m, offs_n, b, kpm_base, stride_mj,
             Tq, Tk, qk_scale, window_left, window_right, diag_offset, n_global,
-            QSEG, KSEG, stride_qsb, stride_qst, stride_ksb, stride_kst, BLOCK_N: tl.constexpr,
+            QSEG, KSEG, stride_qsb, stride_qst, stride_ksb, stride_kst,
             APPLY_RULE: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
             HAS_SEGMENTS: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_KPM: tl.constexpr,
             UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Log2-domain masked scores of the query tile ``q`` against the key tile ``kT`` (keys ``offs_n``)."""
-    s = _dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, DOT_PRECISION) * qk_scale
-    visible = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
-    if APPLY_RULE:
-        visible = visible & _rule_visible(offs_m[:, None], offs_n[None, :], b, window_left, window_right,
-                                          diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb,
-                                          stride_kst, Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SEGMENTS,
-                                          HAS_GLOBAL)
-    if HAS_KPM:
-        keep = tl.load(kpm_base + offs_n.to(tl.int64) * stride_mj, mask=offs_n < Tk, other=0)
-        visible = visible & (keep[None, :] != 0)
+    s = _scores_log2(q, kT, qk_scale, UPCAST_DOT, DOT_PRECISION)
+    visible = _visible(offs_m, offs_n, b, kpm_base, stride_mj, Tq, Tk, window_left, window_right, diag_offset,
+                       n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb, stride_kst, APPLY_RULE,
+                       HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, False)
     return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _block_list(NUM, IDX, b, h, row, stride_nb, stride_nh, stride_nr, stride_ib, stride_ih, stride_ir):
+    """Row ``row`` of a compressed block list of (batch ``b``, head ``h``): (its length, pointer to its indices)."""
+    num = tl.load(NUM + b * stride_nb + h * stride_nh + row * stride_nr)
+    return num, _head_base(IDX, b, h, stride_ib, stride_ih) + row * stride_ir
+
+
+@triton.jit
+def _pick_list(FULL: tl.constexpr, num, idx_base, stride_idx, full_num, full_base, stride_full):
+    """The PARTIAL list (``FULL`` false) or the FULL list, as (length, indices, index stride)."""
+    if FULL:
+        return full_num, full_base, stride_full
+    else:
+        return num, idx_base, stride_idx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,26 +147,17 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, idx_base, stride_idx, num, off
                 HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
                 HAS_GLOBAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST_DOT: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for it in range(0, num):
         start_n = tl.load(idx_base + it * stride_idx) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(_tile_ptrs(k_base, start_n, stride_kt, stride_kd, BLOCK_N, BLOCK_DQK, True),
-                     mask=(offs_n[None, :] < Tk) & (offs_dqk[:, None] < HEAD_DIM_QK), other=0.0)
-        v = tl.load(_tile_ptrs(v_base, start_n, stride_vt, stride_vd, BLOCK_N, BLOCK_DV, False),
-                    mask=(offs_n[:, None] < Tk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        kT = _load_tile(k_base, start_n, stride_kt, stride_kd, Tk, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK, True)
+        v = _load_tile(v_base, start_n, stride_vt, stride_vd, Tk, HEAD_DIM_V, BLOCK_N, BLOCK_DV, False)
         s = _scores(q, kT, offs_m, offs_n, b, kpm_base, stride_mj, Tq, Tk, qk_scale, window_left, window_right,
-                    diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb, stride_kst, BLOCK_N,
+                    diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb, stride_kst,
                     APPLY_RULE, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, UPCAST_DOT,
                     DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST_DOT, DOT_PRECISION)
-        m_i = m_new
+        p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
+        acc = _dot(p.to(v.dtype), v, acc, UPCAST_DOT, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -149,47 +185,35 @@ def _sparse_fwd_kernel(
     off_kvh = off_h // GROUP
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Tq
 
-    q = tl.load(_tile_ptrs(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh, m0,
-                           stride_qt, stride_qd, BLOCK_M, BLOCK_DQK, False),
-                mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    q = _load_tile(_head_base(Q, off_b, off_h, stride_qb, stride_qh), m0, stride_qt, stride_qd, Tq, HEAD_DIM_QK,
+                   BLOCK_M, BLOCK_DQK, False)
+    k_base = _head_base(K, off_b, off_kvh, stride_kb, stride_kh)
+    v_base = _head_base(V, off_b, off_kvh, stride_vb, stride_vh)
     kpm_base = KPM + off_b.to(tl.int64) * stride_mb
-    num = tl.load(KV_NUM + off_b * stride_nb + off_h * stride_nh + start_m * stride_nm)
-    idx_base = KV_IDX + off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + start_m * stride_im
-    full_num = tl.load(FULL_NUM + off_b * stride_fnb + off_h * stride_fnh + start_m * stride_fnm)
-    full_base = FULL_IDX + off_b.to(tl.int64) * stride_fib + off_h.to(tl.int64) * stride_fih + start_m * stride_fim
+    num, idx_base = _block_list(KV_NUM, KV_IDX, off_b, off_h, start_m, stride_nb, stride_nh, stride_nm,
+                                stride_ib, stride_ih, stride_im)
+    full_num, full_base = _block_list(FULL_NUM, FULL_IDX, off_b, off_h, start_m, stride_fnb, stride_fnh, stride_fnm,
+                                      stride_fib, stride_fih, stride_fim)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # PARTIAL blocks (elementwise rule), then FULL blocks; an empty list is skipped, not entered
-    if num > 0:
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, idx_base, stride_in, num, offs_m, off_b, kpm_base,
-            stride_kt, stride_kd, stride_vt, stride_vd, stride_mj, Tq, Tk, qk_scale,
-            window_left, window_right, diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb,
-            stride_kst, HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, True, HAS_WINDOW_LEFT,
-            HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, UPCAST_DOT, DOT_PRECISION)
-    if full_num > 0:
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, full_base, stride_fin, full_num, offs_m, off_b, kpm_base,
-            stride_kt, stride_kd, stride_vt, stride_vd, stride_mj, Tq, Tk, qk_scale,
-            window_left, window_right, diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb,
-            stride_kst, HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, False, HAS_WINDOW_LEFT,
-            HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, UPCAST_DOT, DOT_PRECISION)
+    for full in tl.static_range(2):
+        n, blocks, stride_blocks = _pick_list(full, num, idx_base, stride_in, full_num, full_base, stride_fin)
+        if n > 0:
+            acc, l_i, m_i = _fwd_blocks(
+                acc, l_i, m_i, q, k_base, v_base, blocks, stride_blocks, n, offs_m, off_b, kpm_base,
+                stride_kt, stride_kd, stride_vt, stride_vd, stride_mj, Tq, Tk, qk_scale,
+                window_left, window_right, diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb,
+                stride_kst, HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, full == 0, HAS_WINDOW_LEFT,
+                HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, UPCAST_DOT, DOT_PRECISION)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(_tile_ptrs(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh, m0, stride_ot,
-                        stride_od, BLOCK_M, BLOCK_DV, False), out.to(O.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    out, lse = _softmax_epilogue(acc, l_i, m_i)
+    _store_tile(_head_base(O, off_b, off_h, stride_ob, stride_oh), m0, stride_ot, stride_od, out, Tq, HEAD_DIM_V,
+                BLOCK_M, BLOCK_DV)
     tl.store(LSE + (off_b * Hq + off_h).to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
 
 
@@ -206,29 +230,16 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, idx_base, 
                  HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
                  HAS_GLOBAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST_DOT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for it in range(0, num):
         start_m = tl.load(idx_base + it * stride_idx) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < Tq
-        q = tl.load(_tile_ptrs(q_base, start_m, stride_qt, stride_qd, BLOCK_M, BLOCK_DQK, False),
-                    mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-        do = tl.load(_tile_ptrs(do_base, start_m, stride_dot, stride_dod, BLOCK_M, BLOCK_DV, False),
-                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse2 = _load_lse2(LSE, row_base, offs_m, Tq)
-        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        sT = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), UPCAST_DOT,
-                  DOT_PRECISION) * qk_scale
-        visible = (offs_m[None, :] < Tq) & (offs_n[:, None] < Tk)
-        if APPLY_RULE:
-            visible = visible & _rule_visible(offs_m[None, :], offs_n[:, None], b, window_left, window_right,
-                                              diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst,
-                                              stride_ksb, stride_kst, Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-                                              HAS_SEGMENTS, HAS_GLOBAL)
-        if HAS_KPM:
-            keep = tl.load(kpm_base + offs_n.to(tl.int64) * stride_mj, mask=offs_n < Tk, other=0)
-            visible = visible & (keep[:, None] != 0)
+        q = _load_tile(q_base, start_m, stride_qt, stride_qd, Tq, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK, False)
+        do = _load_tile(do_base, start_m, stride_dot, stride_dod, Tq, HEAD_DIM_V, BLOCK_M, BLOCK_DV, False)
+        lse2, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, Tq)
+        sT = _scores_log2(k, tl.trans(q), qk_scale, UPCAST_DOT, DOT_PRECISION)
+        visible = _visible(offs_m, offs_n, b, kpm_base, stride_mj, Tq, Tk, window_left, window_right, diag_offset,
+                           n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb, stride_kst, APPLY_RULE,
+                           HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, True)
         pT = tl.where(visible, tl.math.exp2(sT - lse2[None, :]), 0.0)
         dv = _dot(pT.to(do.dtype), do, dv, UPCAST_DOT, DOT_PRECISION)
         dpT = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), UPCAST_DOT, DOT_PRECISION)
@@ -262,48 +273,36 @@ def _sparse_bwd_dkdv_kernel(
     off_b = tl.program_id(2)
     n0 = start_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    n_ok = offs_n < Tk
-    k = tl.load(_tile_ptrs(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh, n0,
-                           stride_kt, stride_kd, BLOCK_N, BLOCK_DQK, False),
-                mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-    v = tl.load(_tile_ptrs(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh, n0,
-                           stride_vt, stride_vd, BLOCK_N, BLOCK_DV, False),
-                mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    k = _load_tile(_head_base(K, off_b, off_kvh, stride_kb, stride_kh), n0, stride_kt, stride_kd, Tk, HEAD_DIM_QK,
+                   BLOCK_N, BLOCK_DQK, False)
+    v = _load_tile(_head_base(V, off_b, off_kvh, stride_vb, stride_vh), n0, stride_vt, stride_vd, Tk, HEAD_DIM_V,
+                   BLOCK_N, BLOCK_DV, False)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     kpm_base = KPM + off_b.to(tl.int64) * stride_mb
     for g in range(0, GROUP):
         off_h = off_kvh * GROUP + g
-        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-        do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+        q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh)
+        do_base = _head_base(DO, off_b, off_h, stride_dob, stride_doh)
         row_base = (off_b * Hq + off_h).to(tl.int64) * Tq
-        num = tl.load(Q_NUM + off_b * stride_nb + off_h * stride_nh + start_n * stride_nn)
-        idx_base = Q_IDX + off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + start_n * stride_in
-        full_num = tl.load(FULL_NUM + off_b * stride_fnb + off_h * stride_fnh + start_n * stride_fnn)
-        full_base = (FULL_IDX + off_b.to(tl.int64) * stride_fib + off_h.to(tl.int64) * stride_fih
-                     + start_n * stride_fin)
-        if num > 0:
-            dk, dv = _dkdv_blocks(
-                dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, idx_base, stride_im, num, offs_n, off_b,
-                kpm_base, stride_qt, stride_qd, stride_dot, stride_dod, stride_mj, Tq, Tk, qk_scale,
-                window_left, window_right, diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb,
-                stride_kst, HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, True, HAS_WINDOW_LEFT,
-                HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, UPCAST_DOT, DOT_PRECISION)
-        if full_num > 0:
-            dk, dv = _dkdv_blocks(
-                dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, full_base, stride_fim, full_num, offs_n,
-                off_b, kpm_base, stride_qt, stride_qd, stride_dot, stride_dod, stride_mj, Tq, Tk, qk_scale,
-                window_left, window_right, diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb,
-                stride_kst, HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, False, HAS_WINDOW_LEFT,
-                HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, UPCAST_DOT, DOT_PRECISION)
-    tl.store(_tile_ptrs(DK + off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh, n0,
-                        stride_dkt, stride_dkd, BLOCK_N, BLOCK_DQK, False), (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK))
-    tl.store(_tile_ptrs(DV + off_b.to(tl.int64) * stride_dvb + off_kvh.to(tl.int64) * stride_dvh, n0,
-                        stride_dvt, stride_dvd, BLOCK_N, BLOCK_DV, False), dv.to(DV.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+        num, idx_base = _block_list(Q_NUM, Q_IDX, off_b, off_h, start_n, stride_nb, stride_nh, stride_nn,
+                                    stride_ib, stride_ih, stride_in)
+        full_num, full_base = _block_list(FULL_NUM, FULL_IDX, off_b, off_h, start_n, stride_fnb, stride_fnh,
+                                          stride_fnn, stride_fib, stride_fih, stride_fin)
+        # PARTIAL blocks (elementwise rule), then FULL blocks, as in the forward
+        for full in tl.static_range(2):
+            n, blocks, stride_blocks = _pick_list(full, num, idx_base, stride_im, full_num, full_base, stride_fim)
+            if n > 0:
+                dk, dv = _dkdv_blocks(
+                    dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, blocks, stride_blocks, n, offs_n, off_b,
+                    kpm_base, stride_qt, stride_qd, stride_dot, stride_dod, stride_mj, Tq, Tk, qk_scale,
+                    window_left, window_right, diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst,
+                    stride_ksb, stride_kst, HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, full == 0,
+                    HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, UPCAST_DOT, DOT_PRECISION)
+    _store_tile(_head_base(DK, off_b, off_kvh, stride_dkb, stride_dkh), n0, stride_dkt, stride_dkd, dk * sm_scale, Tk,
+                HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
+    _store_tile(_head_base(DV, off_b, off_kvh, stride_dvb, stride_dvh), n0, stride_dvt, stride_dvd, dv, Tk,
+                HEAD_DIM_V, BLOCK_N, BLOCK_DV)
 
 
 @triton.jit
@@ -316,19 +315,14 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, idx_base, stride_idx, num
                HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
                HAS_GLOBAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST_DOT: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for it in range(0, num):
         start_n = tl.load(idx_base + it * stride_idx) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Tk
-        k = tl.load(_tile_ptrs(k_base, start_n, stride_kt, stride_kd, BLOCK_N, BLOCK_DQK, False),
-                    mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-        vT = tl.load(_tile_ptrs(v_base, start_n, stride_vt, stride_vd, BLOCK_N, BLOCK_DV, True),
-                     mask=n_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        k = _load_tile(k_base, start_n, stride_kt, stride_kd, Tk, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK, False)
+        vT = _load_tile(v_base, start_n, stride_vt, stride_vd, Tk, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True)
         s = _scores(q, tl.trans(k), offs_m, offs_n, b, kpm_base, stride_mj, Tq, Tk, qk_scale, window_left,
                     window_right, diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst, stride_ksb, stride_kst,
-                    BLOCK_N, APPLY_RULE, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM,
+                    APPLY_RULE, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM,
                     UPCAST_DOT, DOT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, vT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, DOT_PRECISION)
@@ -362,43 +356,32 @@ def _sparse_bwd_dq_kernel(
     off_kvh = off_h // GROUP
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < Tq
     row_base = (off_b * Hq + off_h).to(tl.int64) * Tq
-    q = tl.load(_tile_ptrs(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh, m0,
-                           stride_qt, stride_qd, BLOCK_M, BLOCK_DQK, False),
-                mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-    do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh, m0,
-                            stride_dot, stride_dod, BLOCK_M, BLOCK_DV, False),
-                 mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    lse2 = _load_lse2(LSE, row_base, offs_m, Tq)
-    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    q = _load_tile(_head_base(Q, off_b, off_h, stride_qb, stride_qh), m0, stride_qt, stride_qd, Tq, HEAD_DIM_QK,
+                   BLOCK_M, BLOCK_DQK, False)
+    do = _load_tile(_head_base(DO, off_b, off_h, stride_dob, stride_doh), m0, stride_dot, stride_dod, Tq, HEAD_DIM_V,
+                    BLOCK_M, BLOCK_DV, False)
+    lse2, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, Tq)
+    k_base = _head_base(K, off_b, off_kvh, stride_kb, stride_kh)
+    v_base = _head_base(V, off_b, off_kvh, stride_vb, stride_vh)
     kpm_base = KPM + off_b.to(tl.int64) * stride_mb
-    num = tl.load(KV_NUM + off_b * stride_nb + off_h * stride_nh + start_m * stride_nm)
-    idx_base = KV_IDX + off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + start_m * stride_im
-    full_num = tl.load(FULL_NUM + off_b * stride_fnb + off_h * stride_fnh + start_m * stride_fnm)
-    full_base = FULL_IDX + off_b.to(tl.int64) * stride_fib + off_h.to(tl.int64) * stride_fih + start_m * stride_fim
+    num, idx_base = _block_list(KV_NUM, KV_IDX, off_b, off_h, start_m, stride_nb, stride_nh, stride_nm,
+                                stride_ib, stride_ih, stride_im)
+    full_num, full_base = _block_list(FULL_NUM, FULL_IDX, off_b, off_h, start_m, stride_fnb, stride_fnh, stride_fnm,
+                                      stride_fib, stride_fih, stride_fim)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
-    if num > 0:
-        dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, idx_base, stride_in, num, offs_m, off_b, kpm_base,
-                        stride_kt, stride_kd, stride_vt, stride_vd, stride_mj, Tq, Tk, qk_scale,
-                        window_left, window_right, diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst,
-                        stride_ksb, stride_kst, HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, True,
-                        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, UPCAST_DOT,
-                        DOT_PRECISION)
-    if full_num > 0:
-        dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, full_base, stride_fin, full_num, offs_m, off_b,
-                        kpm_base, stride_kt, stride_kd, stride_vt, stride_vd, stride_mj, Tq, Tk, qk_scale,
-                        window_left, window_right, diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst,
-                        stride_ksb, stride_kst, HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, False,
-                        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, UPCAST_DOT,
-                        DOT_PRECISION)
-    tl.store(_tile_ptrs(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh, m0,
-                        stride_dqt, stride_dqd, BLOCK_M, BLOCK_DQK, False), (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK))
+    # PARTIAL blocks (elementwise rule), then FULL blocks, as in the forward
+    for full in tl.static_range(2):
+        n, blocks, stride_blocks = _pick_list(full, num, idx_base, stride_in, full_num, full_base, stride_fin)
+        if n > 0:
+            dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, blocks, stride_blocks, n, offs_m, off_b, kpm_base,
+                            stride_kt, stride_kd, stride_vt, stride_vd, stride_mj, Tq, Tk, qk_scale,
+                            window_left, window_right, diag_offset, n_global, QSEG, KSEG, stride_qsb, stride_qst,
+                            stride_ksb, stride_kst, HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, full == 0,
+                            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SEGMENTS, HAS_GLOBAL, HAS_KPM, UPCAST_DOT,
+                            DOT_PRECISION)
+    _store_tile(_head_base(DQ, off_b, off_h, stride_dqb, stride_dqh), m0, stride_dqt, stride_dqd, dq * sm_scale, Tq,
+                HEAD_DIM_QK, BLOCK_M, BLOCK_DQK)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from effattn import limits
 from effattn.kernels.flash_attn import INTERPRET, _on_tensor_device
 
 __all__ = ["WORD_BITS", "cluster_bitsets", "cluster_bitsets_reference", "cluster_block_edges",
@@ -43,7 +44,7 @@ __all__ = ["WORD_BITS", "cluster_bitsets", "cluster_bitsets_reference", "cluster
            "cluster_block_pairs_reference", "cluster_histograms", "num_words"]
 
 WORD_BITS = 32  # clusters per int32 word of a bitset
-MIN_BLOCK = 16
+MIN_BLOCK = limits.MIN_BLOCK_SIZE  # the smallest block of a BlockMask
 MAX_WORD_TILE = 32  # words (1024 clusters) reduced at once by the bitset kernel
 MAX_TOKEN_TILE = 128  # tokens of a block read at once by the bitset kernel (larger blocks: a loop)
 TILE_M, TILE_N = 64, 64  # (q blocks, kv blocks) per tile of the pair kernel

@@ -26,7 +26,8 @@ back to the unpooled rows it read (mean: spread evenly; max: to the arg-max elem
 
 Layout: one file, three layers as in the rest of effattn: ``@triton.jit`` kernels, then the launchers
 ``flash_attn_forward`` / ``flash_attn_backward`` that take and return tensors. The autograd glue lives
-in ``effattn.flash``.
+in ``effattn.flash``. The device helpers shared with the block-sparse kernels (tiles, the online-softmax
+step and its epilogue, ``LOG2E`` / ``LN2``) are in :mod:`effattn.kernels._attn_common`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from effattn import limits
+from effattn.kernels._attn_common import (
+    _LOG2E,
+    LOG2E,
+    _dot,
+    _head_base,
+    _load_row_stats,
+    _load_tile,
+    _online_softmax,
+    _scores_log2,
+    _softmax_epilogue,
+    _store_tile,
+)
 from effattn.reference import QueryPool, dropout_scale, dropout_threshold
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -47,10 +61,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # all (bounded compile time, e.g. for a test run on the GPU).
 AUTOTUNE = os.environ.get("EFFATTN_AUTOTUNE", "1") != "0"
 
-LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256  # of V; Q/K go up to MAX_HEAD_DIM_QK (extra features, e.g. Funnel's relative terms)
-MAX_HEAD_DIM_QK = 2048
-MIN_BLOCK_D = 16  # tl.dot needs K >= 16
+MAX_HEAD_DIM = limits.TRITON_MAX_HEAD_DIM_V  # of V; Q/K go up to MAX_HEAD_DIM_QK (effattn.limits says why)
+MAX_HEAD_DIM_QK = limits.TRITON_MAX_HEAD_DIM_QK
+MIN_BLOCK_D = limits.MIN_DOT_SIZE  # tl.dot needs K >= 16
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -162,36 +175,12 @@ def _prune_for(table):
 
 _AUTOTUNE_KEY = ["BLOCK_DQK", "BLOCK_DV", "Q_BUCKET", "K_BUCKET", "MASK_KIND", "HAS_DROPOUT",
                  "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "POOL", "POOL_MAX", "POOL_CLS"]
-MAX_POOL_STRIDE = 16  # the pooling loop is unrolled
+MAX_POOL_STRIDE = limits.TRITON_MAX_POOL_STRIDE  # the pooling loop is unrolled
 
 
 # ----------------------------------------------------------------------------------------------
-# shared device helpers
+# device helpers (those the block-sparse kernels use too are in _attn_common)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b`` in fp32; operands upcast to fp32 first when ``UPCAST`` (bf16 under the interpreter)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _tile_ptrs(base, start, stride_t, stride_d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-               TRANSPOSED: tl.constexpr):
-    """Pointers to rows ``[start, start + BLOCK_T)`` x ``[0, BLOCK_D)`` of a ``(T, D)`` matrix, as a
-    ``(BLOCK_T, BLOCK_D)`` tile or its transpose. The row offset is 64-bit: long sequences of
-    strided (e.g. ``(B, T, H, D)``) tensors do not overflow."""
-    base = base + tl.cast(start, tl.int64) * stride_t
-    t = tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    if TRANSPOSED:
-        return base + t[None, :] * stride_t + d[:, None] * stride_d
-    else:
-        return base + t[:, None] * stride_t + d[None, :] * stride_d
-
-
 @triton.jit
 def _q_pos(rows, diag_offset, POOL: tl.constexpr, POOL_CLS: tl.constexpr):
     """Key-grid position of query rows: ``rows * POOL + diag_offset`` (the pooled [cls] row counts as 0)."""
@@ -224,8 +213,7 @@ def _load_q(q_base, m0, stride_qt, stride_qd, Tq, T_src,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
     if POOL == 1:
-        return tl.load(_tile_ptrs(q_base, m0, stride_qt, stride_qd, BLOCK_M, BLOCK_D, False),
-                       mask=(offs_m < Tq)[:, None] & d_ok, other=0.0)
+        return _load_tile(q_base, m0, stride_qt, stride_qd, Tq, HEAD_DIM, BLOCK_M, BLOCK_D, False)
     else:
         if POOL_MAX:
             acc = tl.full([BLOCK_M, BLOCK_D], float("-inf"), dtype=tl.float32)
@@ -362,7 +350,7 @@ def _masked_scores(s, mask_base, rows, cols, stride_mi, stride_mj, Tq, Tk,
         if MASK_KIND == 1:
             s = tl.where(m != 0, s, float("-inf"))
         else:
-            s = s + m.to(tl.float32) * 1.4426950408889634
+            s = s + m.to(tl.float32) * _LOG2E
     return s
 
 
@@ -391,37 +379,26 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
                MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                POOL: tl.constexpr, POOL_CLS: tl.constexpr):
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # -- load K^T and V (rows past Tk only in masked segments) --
-        n_ok = offs_n < Tk
-        kT = tl.load(_tile_ptrs(k_base, start_n, stride_kt, stride_kd, BLOCK_N, BLOCK_DQK, True),
-                     mask=n_ok[None, :] & (offs_dqk[:, None] < HEAD_DIM_QK), other=0.0)
-        v = tl.load(_tile_ptrs(v_base, start_n, stride_vt, stride_vd, BLOCK_N, BLOCK_DV, False),
-                    mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        kT = _load_tile(k_base, start_n, stride_kt, stride_kd, Tk, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK, True)
+        v = _load_tile(v_base, start_n, stride_vt, stride_vd, Tk, HEAD_DIM_V, BLOCK_N, BLOCK_DV, False)
         # -- compute qk (log2 domain) and mask it --
-        s = _dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, DOT_PRECISION) * qk_scale
+        s = _scores_log2(q, kT, qk_scale, UPCAST_DOT, DOT_PRECISION)
         s = _masked_scores(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mi, stride_mj, Tq, Tk,
                            MASK_KIND, MASK_ROW_BCAST)
         if APPLY_WINDOW:
             visible = _window_visible(offs_m[:, None], offs_n[None, :], window_left, window_right, diag_offset,
                                       Tq, Tk, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, POOL, POOL_CLS)
             s = tl.where(visible, s, float("-inf"))
-        # -- online softmax update; a row with no visible key so far keeps m = -inf --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        # -- online softmax update (acc rescaled); a row with no visible key so far keeps m = -inf --
+        p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_threshold)
             p = tl.where(keep, p, 0.0)
         # -- acc += P V --
         acc = _dot(p.to(v.dtype), v, acc, UPCAST_DOT, DOT_PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -456,12 +433,11 @@ def _flash_fwd_kernel(
     off_kvh = off_h // GROUP
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-    mask_base = MASK + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+    q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh)
+    k_base = _head_base(K, off_b, off_kvh, stride_kb, stride_kh)
+    v_base = _head_base(V, off_b, off_kvh, stride_vb, stride_vh)
+    mask_base = _head_base(MASK, off_b, off_h, stride_mb, stride_mh)
 
     # -- load the query tile once (pooled on load) --
     m_ok = offs_m < Tq
@@ -490,15 +466,11 @@ def _flash_fwd_kernel(
                 UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS)
 
     # -- epilogue: normalise; an empty row gives O = 0 and lse = -inf --
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, lse = _softmax_epilogue(acc, l_i, m_i)
     if HAS_DROPOUT:
         out = out * drop_scale
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    tl.store(_tile_ptrs(o_base, m0, stride_ot, stride_od, BLOCK_M, BLOCK_DV, False), out.to(O.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_tile(_head_base(O, off_b, off_h, stride_ob, stride_oh), m0, stride_ot, stride_od, out, Tq, HEAD_DIM_V,
+                BLOCK_M, BLOCK_DV)
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
 
 
@@ -517,24 +489,14 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA,
     off_b = tl.program_id(2)
     bh = off_b * Hq + off_h
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_DV)
-    ok = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM_V)
-    o = tl.load(_tile_ptrs(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh, start_m * BLOCK_M,
-                           stride_ot, stride_od, BLOCK_M, BLOCK_DV, False), mask=ok, other=0.0)
-    do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh,
-                            start_m * BLOCK_M, stride_dot, stride_dod, BLOCK_M, BLOCK_DV, False), mask=ok, other=0.0)
+    o = _load_tile(_head_base(O, off_b, off_h, stride_ob, stride_oh), start_m * BLOCK_M, stride_ot, stride_od, Tq,
+                   HEAD_DIM_V, BLOCK_M, BLOCK_DV, False)
+    do = _load_tile(_head_base(DO, off_b, off_h, stride_dob, stride_doh), start_m * BLOCK_M, stride_dot, stride_dod,
+                    Tq, HEAD_DIM_V, BLOCK_M, BLOCK_DV, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
-
-
-@triton.jit
-def _load_lse2(LSE, row_base, offs_m, Tq):
-    """Log2-domain lse of a row block; ``+inf`` for empty rows and rows past Tq so that P = 0 there."""
-    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Tq, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    return lse * 1.4426950408889634
 
 
 @triton.jit
@@ -547,19 +509,14 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base
                   MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   T_src, POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr):
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < Tq
         q = _load_q(q_base, start_m, stride_qt, stride_qd, Tq, T_src, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK,
                     POOL, POOL_MAX, POOL_CLS)
-        do = tl.load(_tile_ptrs(do_base, start_m, stride_dot, stride_dod, BLOCK_M, BLOCK_DV, False),
-                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse2 = _load_lse2(LSE, row_base, offs_m, Tq)
-        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        do = _load_tile(do_base, start_m, stride_dot, stride_dod, Tq, HEAD_DIM_V, BLOCK_M, BLOCK_DV, False)
+        lse2, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, Tq)
         # -- recompute P^T for this tile: (BLOCK_N, BLOCK_M) --
-        sT = _dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), UPCAST_DOT,
-                  DOT_PRECISION) * qk_scale
+        sT = _scores_log2(k, tl.trans(q), qk_scale, UPCAST_DOT, DOT_PRECISION)
         sT = _masked_scores(sT, mask_base, offs_m[None, :], offs_n[:, None], stride_mi, stride_mj, Tq, Tk,
                             MASK_KIND, MASK_ROW_BCAST)
         if APPLY_WINDOW:
@@ -609,16 +566,11 @@ def _flash_bwd_dkdv_kernel(
     off_b = tl.program_id(2)
     n0 = start_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    n_ok = offs_n < Tk
 
-    k = tl.load(_tile_ptrs(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh, n0,
-                           stride_kt, stride_kd, BLOCK_N, BLOCK_DQK, False),
-                mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-    v = tl.load(_tile_ptrs(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh, n0,
-                           stride_vt, stride_vd, BLOCK_N, BLOCK_DV, False),
-                mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    k = _load_tile(_head_base(K, off_b, off_kvh, stride_kb, stride_kh), n0, stride_kt, stride_kd, Tk, HEAD_DIM_QK,
+                   BLOCK_N, BLOCK_DQK, False)
+    v = _load_tile(_head_base(V, off_b, off_kvh, stride_vb, stride_vh), n0, stride_vt, stride_vd, Tk, HEAD_DIM_V,
+                   BLOCK_N, BLOCK_DV, False)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -627,9 +579,9 @@ def _flash_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         off_h = off_kvh * GROUP + g
         bh = off_b * Hq + off_h
-        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-        do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        mask_base = MASK + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+        q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh)
+        do_base = _head_base(DO, off_b, off_h, stride_dob, stride_doh)
+        mask_base = _head_base(MASK, off_b, off_h, stride_mb, stride_mh)
         row_base = bh.to(tl.int64) * Tq
         for seg in tl.static_range(3):
             seg_lo, seg_hi = _segment(seg, lo, mid_lo, mid_hi, hi)
@@ -643,12 +595,10 @@ def _flash_bwd_dkdv_kernel(
                     UPCAST_DOT, DOT_PRECISION, T_src, POOL, POOL_MAX, POOL_CLS)
 
     dk = dk * sm_scale
-    tl.store(_tile_ptrs(DK + off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh, n0,
-                        stride_dkt, stride_dkd, BLOCK_N, BLOCK_DQK, False), dk.to(DK.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK))
-    tl.store(_tile_ptrs(DV + off_b.to(tl.int64) * stride_dvb + off_kvh.to(tl.int64) * stride_dvh, n0,
-                        stride_dvt, stride_dvd, BLOCK_N, BLOCK_DV, False), dv.to(DV.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_tile(_head_base(DK, off_b, off_kvh, stride_dkb, stride_dkh), n0, stride_dkt, stride_dkd, dk, Tk,
+                HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
+    _store_tile(_head_base(DV, off_b, off_kvh, stride_dvb, stride_dvh), n0, stride_dvt, stride_dvd, dv, Tk,
+                HEAD_DIM_V, BLOCK_N, BLOCK_DV)
 
 
 @triton.jit
@@ -661,18 +611,12 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, 
                  MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  POOL: tl.constexpr, POOL_CLS: tl.constexpr):
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Tk
-        k = tl.load(_tile_ptrs(k_base, start_n, stride_kt, stride_kd, BLOCK_N, BLOCK_DQK, False),
-                    mask=n_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK), other=0.0)
-        vT = tl.load(_tile_ptrs(v_base, start_n, stride_vt, stride_vd, BLOCK_N, BLOCK_DV, True),
-                     mask=n_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        k = _load_tile(k_base, start_n, stride_kt, stride_kd, Tk, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK, False)
+        vT = _load_tile(v_base, start_n, stride_vt, stride_vd, Tk, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True)
         # -- recompute P --
-        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT,
-                 DOT_PRECISION) * qk_scale
+        s = _scores_log2(q, tl.trans(k), qk_scale, UPCAST_DOT, DOT_PRECISION)
         s = _masked_scores(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mi, stride_mj, Tq, Tk,
                            MASK_KIND, MASK_ROW_BCAST)
         if APPLY_WINDOW:
@@ -760,22 +704,17 @@ def _flash_bwd_dq_kernel(
     off_kvh = off_h // GROUP
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < Tq
     row_base = bh.to(tl.int64) * Tq
 
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh)
     q = _load_q(q_base, m0, stride_qt, stride_qd, Tq, T_src, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK,
                 POOL, POOL_MAX, POOL_CLS)
-    do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh, m0,
-                            stride_dot, stride_dod, BLOCK_M, BLOCK_DV, False),
-                 mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    lse2 = _load_lse2(LSE, row_base, offs_m, Tq)
-    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-    mask_base = MASK + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+    do = _load_tile(_head_base(DO, off_b, off_h, stride_dob, stride_doh), m0, stride_dot, stride_dod, Tq, HEAD_DIM_V,
+                    BLOCK_M, BLOCK_DV, False)
+    lse2, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, Tq)
+    k_base = _head_base(K, off_b, off_kvh, stride_kb, stride_kh)
+    v_base = _head_base(V, off_b, off_kvh, stride_vb, stride_vh)
+    mask_base = _head_base(MASK, off_b, off_h, stride_mb, stride_mh)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
 
     lo, mid_lo, mid_hi, hi = _kv_range(m0, Tq, Tk, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N,
@@ -792,10 +731,9 @@ def _flash_bwd_dq_kernel(
                 UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS)
 
     dq = dq * sm_scale
-    dq_base = DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
+    dq_base = _head_base(DQ, off_b, off_h, stride_dqb, stride_dqh)
     if POOL == 1:
-        tl.store(_tile_ptrs(dq_base, m0, stride_dqt, stride_dqd, BLOCK_M, BLOCK_DQK, False),
-                 dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK))
+        _store_tile(dq_base, m0, stride_dqt, stride_dqd, dq, Tq, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK)
     else:
         _store_dq_unpooled(dq, q_base, dq_base, offs_m, stride_qt, stride_qd, stride_dqt, stride_dqd, Tq, T_src,
                            HEAD_DIM_QK, BLOCK_M, BLOCK_DQK, POOL, POOL_MAX, POOL_CLS)

@@ -105,6 +105,46 @@ __device__ __forceinline__ void load_q_tile(T* s, const AttnParams& p, const T* 
   }
 }
 
+// Key rows [n0, n0 + ROWS) of one KV head: K into shared ks, V into vs (as load_tile).
+template <class T, int ROWS, int D, int S>
+__device__ __forceinline__ void load_kv_tiles(T* ks, T* vs, const AttnParams& p, const T* k, const T* v, int64_t n0,
+                                              bool vec_k, bool vec_v) {
+  load_tile<T, ROWS, D, S>(ks, k, p.sk.t, p.sk.d, n0, p.Tk, p.Dqk, vec_k);
+  load_tile<T, ROWS, D, S>(vs, v, p.sv.t, p.sv.d, n0, p.Tk, p.Dv, vec_v);
+}
+
+// The tiles of a walk, double-buffered: tile i is used from buffer i % 2 while tile i + 1 is copied
+// (cp.async) into the other one. load(buf, start) issues the copies of the tile at `start` into
+// buffer buf; body(buf, start, partial) runs once they have landed, between two __syncthreads(), so
+// that the next load may overwrite what it read. Copies the caller committed before are waited for
+// with tile 0; after an empty walk nothing has been waited for (the caller ends with cp_async_wait<0>).
+template <class Load, class Body>
+__device__ __forceinline__ void walk_double_buffered(const TileWalk& w, Load&& load, Body&& body) {
+  bool partial;
+  if (w.count > 0) load(0, walk_start(w, 0, &partial));
+  mma::cp_async_commit();
+  for (int64_t i = 0; i < w.count; ++i) {
+    const int buf = static_cast<int>(i & 1);
+    // -- prefetch the next tile into the other buffer while this one is used --
+    if (i + 1 < w.count) {
+      load(buf ^ 1, walk_start(w, i + 1, &partial));
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int64_t start = walk_start(w, i, &partial);
+    body(buf, start, partial);
+    __syncthreads();
+  }
+}
+
+// Log2-domain lse of query row `row` (+inf past Tq and for an empty row, so that P = exp2(s - lse) = 0).
+__device__ __forceinline__ float row_lse2(const float* lse, int64_t row_base, int64_t row, int64_t Tq) {
+  return row < Tq ? lse_shift(lse[row_base + row]) * static_cast<float>(kLog2e) : INFINITY;
+}
+
 // acc[NB][4] += A B^T: A = 16 x K rows of shared `a` (row-major), B = NB*8 x K rows of shared `b`.
 template <class T, int K, int NB, int S>
 __device__ __forceinline__ void gemm_nk(float (&acc)[NB][4], const T* a, const T* b, int lane) {
@@ -205,35 +245,16 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const __grid_consta
   const T* v = reinterpret_cast<const T*>(p.v) + b * p.sv.b + kvh * p.sv.h;
   const bool vec_k = vec_ok(p.k, p.sk, p.Dqk), vec_v = vec_ok(p.v, p.sv, p.Dv);
 
-  // -- the query tile (pooled on load), then the first key/value tile --
+  // -- the query tile (pooled on load); the key/value tiles stream through two buffers --
   load_q_tile<T, BM, D, S>(Qs, p, q, m0);
   mma::cp_async_commit();
   const TileWalk w = kv_walk(p, b, h, m0, m1, BN);
-  auto load_kv = [&](int64_t i, int buf) {
-    bool partial;
-    const int64_t n0 = walk_start(w, i, &partial);
-    load_tile<T, BN, D, S>(Ks + buf * BN * S, k, p.sk.t, p.sk.d, n0, p.Tk, p.Dqk, vec_k);
-    load_tile<T, BN, D, S>(Vs + buf * BN * S, v, p.sv.t, p.sv.d, n0, p.Tk, p.Dv, vec_v);
-  };
-  if (w.count > 0) load_kv(0, 0);
-  mma::cp_async_commit();
-
   float acc[D / 8][4] = {};
   float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f};
   const float scale_log2 = static_cast<float>(p.scale * kLog2e);
-  for (int64_t i = 0; i < w.count; ++i) {
-    const int buf = static_cast<int>(i & 1);
-    // -- prefetch the next tile into the other buffer while this one is used --
-    if (i + 1 < w.count) {
-      load_kv(i + 1, buf ^ 1);
-      mma::cp_async_commit();
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
-    }
-    __syncthreads();
-    bool partial;
-    const int64_t n0 = walk_start(w, i, &partial);
+  walk_double_buffered(w, [&](int buf, int64_t n0) {
+    load_kv_tiles<T, BN, D, S>(Ks + buf * BN * S, Vs + buf * BN * S, p, k, v, n0, vec_k, vec_v);
+  }, [&](int buf, int64_t n0, bool partial) {
     // -- S = Q K^T (log2 domain), masked --
     float s[BN / 8][4] = {};
     gemm_nk<T, D, BN / 8, S>(s, Qs + warp * 16 * S, Ks + buf * BN * S, lane);
@@ -265,8 +286,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const __grid_consta
     }
     // -- O += P V --
     gemm_kn<T, BN, D / 8, S>(acc, s, Vs + buf * BN * S, lane);
-    __syncthreads();
-  }
+  });
   mma::cp_async_wait<0>();
 
   // -- epilogue: normalise; a row with no visible key gets out = 0 and lse = -inf --
@@ -327,8 +347,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const __grid_c
   const int64_t n1 = imin(n0 + BN, p.Tk);
   const T* k = reinterpret_cast<const T*>(p.k) + b * p.sk.b + kvh * p.sk.h;
   const T* v = reinterpret_cast<const T*>(p.v) + b * p.sv.b + kvh * p.sv.h;
-  load_tile<T, BN, D, S>(Ks, k, p.sk.t, p.sk.d, n0, p.Tk, p.Dqk, vec_ok(p.k, p.sk, p.Dqk));
-  load_tile<T, BN, D, S>(Vs, v, p.sv.t, p.sv.d, n0, p.Tk, p.Dv, vec_ok(p.v, p.sv, p.Dv));
+  load_kv_tiles<T, BN, D, S>(Ks, Vs, p, k, v, n0, vec_ok(p.k, p.sk, p.Dqk), vec_ok(p.v, p.sv, p.Dv));
   mma::cp_async_commit();
 
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
@@ -342,31 +361,15 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const __grid_c
     const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.sdo.b + h * p.sdo.h;
     const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
     const TileWalk w = q_walk(p, b, h, n0, n1, BM);
-    auto load_rows = [&](int64_t i, int buf) {
-      bool partial;
-      const int64_t m0 = walk_start(w, i, &partial);
+    walk_double_buffered(w, [&](int buf, int64_t m0) {
       load_q_tile<T, BM, D, S>(Qs + buf * BM * S, p, q, m0);
       load_tile<T, BM, D, S>(dOs + buf * BM * S, dout, p.sdo.t, p.sdo.d, m0, p.Tq, p.Dv, vec_do);
       for (int t = threadIdx.x; t < BM; t += kThreads) {
         const int64_t row = m0 + t;
-        lse_s[buf * BM + t] = row < p.Tq ? lse_shift(lse[row_base + row]) * static_cast<float>(kLog2e) : INFINITY;
+        lse_s[buf * BM + t] = row_lse2(lse, row_base, row, p.Tq);
         delta_s[buf * BM + t] = row < p.Tq ? delta[row_base + row] : 0.f;
       }
-    };
-    if (w.count > 0) load_rows(0, 0);
-    mma::cp_async_commit();
-    for (int64_t i = 0; i < w.count; ++i) {
-      const int buf = static_cast<int>(i & 1);
-      if (i + 1 < w.count) {
-        load_rows(i + 1, buf ^ 1);
-        mma::cp_async_commit();
-        mma::cp_async_wait<1>();
-      } else {
-        mma::cp_async_wait<0>();
-      }
-      __syncthreads();
-      bool partial;
-      const int64_t m0 = walk_start(w, i, &partial);
+    }, [&](int buf, int64_t m0, bool partial) {
       const T* Qb = Qs + buf * BM * S;
       const T* dOb = dOs + buf * BM * S;
       const float* lse_b = lse_s + buf * BM;
@@ -392,8 +395,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const __grid_c
         for (int e = 0; e < 4; ++e) dst[nb][e] = pt[nb][e] * (dst[nb][e] - delta_b[nb * 8 + 2 * c + (e & 1)]);
       // -- dK += dS^T Q --
       gemm_kn<T, BM, D / 8, S>(dk, dst, Qb, lane);
-      __syncthreads();
-    }
+    });
   }
   mma::cp_async_wait<0>();
 
@@ -448,34 +450,15 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const __grid_con
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = m0 + warp * 16 + g + r * 8;
-    lse2[r] = row < p.Tq ? lse_shift(reinterpret_cast<const float*>(p.lse)[row_base + row]) * static_cast<float>(kLog2e)
-                         : INFINITY;
+    lse2[r] = row_lse2(reinterpret_cast<const float*>(p.lse), row_base, row, p.Tq);
     delta[r] = row < p.Tq ? reinterpret_cast<const float*>(p.delta)[row_base + row] : 0.f;
   }
   const TileWalk w = kv_walk(p, b, h, m0, m1, BN);
-  auto load_kv = [&](int64_t i, int buf) {
-    bool partial;
-    const int64_t n0 = walk_start(w, i, &partial);
-    load_tile<T, BN, D, S>(Ks + buf * BN * S, k, p.sk.t, p.sk.d, n0, p.Tk, p.Dqk, vec_k);
-    load_tile<T, BN, D, S>(Vs + buf * BN * S, v, p.sv.t, p.sv.d, n0, p.Tk, p.Dv, vec_v);
-  };
-  if (w.count > 0) load_kv(0, 0);
-  mma::cp_async_commit();
-
   float dq[D / 8][4] = {};
   const float scale_log2 = static_cast<float>(p.scale * kLog2e);
-  for (int64_t i = 0; i < w.count; ++i) {
-    const int buf = static_cast<int>(i & 1);
-    if (i + 1 < w.count) {
-      load_kv(i + 1, buf ^ 1);
-      mma::cp_async_commit();
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
-    }
-    __syncthreads();
-    bool partial;
-    const int64_t n0 = walk_start(w, i, &partial);
+  walk_double_buffered(w, [&](int buf, int64_t n0) {
+    load_kv_tiles<T, BN, D, S>(Ks + buf * BN * S, Vs + buf * BN * S, p, k, v, n0, vec_k, vec_v);
+  }, [&](int buf, int64_t n0, bool partial) {
     // -- P = exp2(S - lse) --
     float s[BN / 8][4] = {};
     gemm_nk<T, D, BN / 8, S>(s, Qs + warp * 16 * S, Ks + buf * BN * S, lane);
@@ -494,8 +477,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const __grid_con
       for (int e = 0; e < 4; ++e) ds[nb][e] = s[nb][e] * (ds[nb][e] - delta[e >> 1]);
     // -- dQ += dS K --
     gemm_kn<T, BN, D / 8, S>(dq, ds, Ks + buf * BN * S, lane);
-    __syncthreads();
-  }
+  });
   mma::cp_async_wait<0>();
 
   const float scale = static_cast<float>(p.scale);
