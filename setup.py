@@ -49,22 +49,35 @@ class NinjaBuildExt(build_ext):
         except Exception as e:  # the extension is optional at install time
             print(f"effattn: the C++/CUDA extension was not built ({e}); it will be built on first use", flush=True)
 
+    def copy_extensions_to_source(self):
+        """Editable installs: the module's ``.key`` (the hash of its sources) travels with it."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            if os.path.exists(regular_file + ".key"):
+                self.copy_file(regular_file + ".key", inplace_file + ".key", level=self.verbose)
+
 
 setup(
     name="effattn",
     version="0.1.0",
     description="Fused, IO-aware attention kernels (flash, pooled-query, block-sparse) for PyTorch",
     python_requires=">=3.10",
-    packages=["effattn", "effattn.kernels", "effattn.nn", "effattn.integrations", "effattn.sparsity"],
-    package_dir={"effattn": "effattn", "effattn.kernels": "kernels"},
-    ext_modules=[Extension("effattn._C", sources=[])],
+    packages=["effattn", "effattn.kernels", "effattn.nn", "effattn.integrations", "effattn.sparsity",
+              "bench", "bench.studies"],  # bench: the benchmark harness, for the effattn-bench console script
+    package_dir={"effattn": "effattn", "effattn.kernels": "kernels", "bench": "bench"},
+    ext_modules=[Extension("effattn._C", sources=[], optional=True)],  # optional: not built = built on first use
     cmdclass={"build_ext": NinjaBuildExt},
-    install_requires=["torch>=2.4", "triton>=3.0"],
+    # Tested: torch 2.13 with Triton 3.9 (CPU), torch 2.11 with Triton 3.6 (CUDA); older ones are not.
+    install_requires=["torch>=2.11", "triton>=3.6"],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "numpy", "transformers>=4.40", "pybind11>=2.12", "ninja"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "numpy", "transformers>=4.40", "pybind11>=2.12",
+                 "ninja"],
         "ext": ["pybind11>=2.12", "ninja"],
         "funnel": ["transformers>=4.40"],
         "bench": ["matplotlib", "pytest-benchmark"],
+        "lint": ["ruff"],
     },
-    entry_points={"console_scripts": ["effattn-info=effattn.info:main", "effattn-bench=effattn.bench_cli:main"]},
+    entry_points={"console_scripts": ["effattn-info=effattn.info:main", "effattn-bench=bench.__main__:main"]},
 )

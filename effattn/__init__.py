@@ -12,24 +12,45 @@ Public API:
 * ``python -m effattn.info`` — which backends run on this machine, and why not.
 """
 
+import importlib.abc as _abc
+import importlib.util as _util
 import os as _os
+import sys as _sys
 
-# In a source checkout (nothing installed), the top-level kernels/ directory is effattn.kernels, as
-# setup.py installs it.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and _os.path.isfile(
-        _os.path.join(_root, "kernels", "flash_attn.py")):
-    __path__.append(_root)  # noqa: F821 - the package's own search path
 
+class _CheckoutKernelsFinder(_abc.MetaPathFinder):
+    """``effattn.kernels`` in a source checkout that nothing installed: the top-level ``kernels/``
+    directory, as setup.py's ``package_dir`` installs it. Only that one name is mapped (the root of the
+    checkout is not put on the package's path, which would make ``effattn.setup``, ``effattn.tests``, ...
+    importable)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "effattn.kernels":
+            return None
+        return _util.spec_from_file_location(fullname, _os.path.join(self.directory, "__init__.py"),
+                                             submodule_search_locations=[self.directory])
+
+
+def _find_checkout_kernels() -> None:
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    kernels = _os.path.join(_os.path.dirname(here), "kernels")
+    if _os.path.isdir(_os.path.join(here, "kernels")) or not _os.path.isfile(_os.path.join(kernels, "flash_attn.py")):
+        return  # installed as a package, or not a checkout
+    if not any(isinstance(f, _CheckoutKernelsFinder) for f in _sys.meta_path):
+        _sys.meta_path.append(_CheckoutKernelsFinder(kernels))  # last: an installed mapping wins
+
+
+_find_checkout_kernels()
+
+from effattn import profile  # noqa: E402,F401 - effattn.profile: FLOPs, bytes and measurements
 from effattn.backends import BACKENDS, UnsupportedInputError, get_backend, select_backend  # noqa: E402
 from effattn.block_mask import BlockMask, MaskRule  # noqa: E402
 from effattn.flash import flash_attention, scaled_dot_product_attention  # noqa: E402
 from effattn.pooled import QueryPool, pool_key_padding_mask, pooled_attention, pooled_positions  # noqa: E402
 from effattn.sparse import sparse_attention  # noqa: E402
-
-# isort: split
-# after the ops exist: registers their FLOP formulas with torch.utils.flop_counter
-from effattn import profile  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

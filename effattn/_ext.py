@@ -47,9 +47,12 @@ def _installed() -> str | None:
     try:
         with open(path + ".key") as f:
             built_from = f.read().strip()
+    except OSError:  # no key file: stale in a source checkout, as built in an installed wheel
+        return None if os.path.isdir(_build.CSRC) else path
+    try:
         if built_from != _build.Config().key():
             return None
-    except OSError:  # no key file, or no sources to compare with (an installed wheel)
+    except OSError:  # no sources to compare with (an installed wheel)
         pass
     return path
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from effattn import reference
+from effattn import limits, reference
 
 ENV_BACKEND = "EFFATTN_BACKEND"
 AUTO = ("", "auto")
+MASK_KINDS = ("none", "bool", "additive")  # AttentionCall.mask: no mask, keep/drop, added to the scores
 
 
 class UnsupportedInputError(ValueError):
@@ -28,7 +29,12 @@ class UnsupportedInputError(ValueError):
 
 @dataclass(frozen=True)
 class AttentionCall:
-    """What a backend needs to know about a call to decide whether it can run it."""
+    """What a backend needs to know about a call to decide whether it can run it.
+
+    ``Tq`` is the length of the output rows (the pooled length for pooled attention); ``heads`` the
+    number of query heads; ``mask`` one of :data:`MASK_KINDS`; ``block_size`` the ``(BLOCK_Q,
+    BLOCK_KV)`` of the BlockMask of a block-sparse call, None for a dense one.
+    """
 
     device: torch.device
     dtype: torch.dtype
@@ -40,6 +46,17 @@ class AttentionCall:
     batch: int = 1
     heads: int = 1
     pool: reference.QueryPool | None = None
+    mask: str = "none"
+    block_size: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.mask not in MASK_KINDS:
+            raise ValueError(f"mask must be one of {MASK_KINDS}, got {self.mask!r}")
+
+    @property
+    def sparse(self) -> bool:
+        """A block-sparse call (over a BlockMask)."""
+        return self.block_size is not None
 
 
 class Backend(abc.ABC):
@@ -69,6 +86,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def sparse_backward(self, dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask, *, scale):
         """``(dq, dk, dv)`` of :meth:`sparse_forward` (``dlse``: gradient of lse, or None)."""
+
+
+def _grid_reasons(call: AttentionCall, most: int) -> list[str]:
+    if max(call.batch, call.heads) > most:
+        return [f"batch ({call.batch}) and heads ({call.heads}) must each be <= {most} (CUDA launch grid)"]
+    return []
+
+
+def _pool_reasons(call: AttentionCall) -> list[str]:
+    if call.pool is not None and call.pool.separate_cls and call.pool.stride == 1:
+        return ["separate_cls with stride 1 (the [cls] row would be pooled twice)"]
+    return []
 
 
 def _visible_rows(block_mask, key_padding_mask):
@@ -111,11 +140,12 @@ class TritonBackend(Backend):
     name = "triton"
     description = "Triton flash-attention kernels (fwd + bwd)"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim_qk = 2048  # QK features beyond the usual head dims: e.g. Funnel's fused relative terms
-    max_head_dim_qk_fp32 = 1024  # wider float32 tiles do not fit in shared memory
-    max_head_dim_v = 256
-    max_grid_yz = 65535  # the launch grid is (blocks, heads, batch); CUDA caps its y and z axes
-    max_pool_stride = 16  # kernels.flash_attn.MAX_POOL_STRIDE (the pooling loop is unrolled)
+    # effattn.limits says why each limit is what it is
+    max_head_dim_qk = limits.TRITON_MAX_HEAD_DIM_QK
+    max_head_dim_qk_fp32 = limits.TRITON_MAX_HEAD_DIM_QK_FP32
+    max_head_dim_v = limits.TRITON_MAX_HEAD_DIM_V
+    max_grid_yz = limits.MAX_GRID_YZ
+    max_pool_stride = limits.TRITON_MAX_POOL_STRIDE
 
     @functools.cached_property
     def _import_error(self) -> str | None:
@@ -153,17 +183,12 @@ class TritonBackend(Backend):
         if call.dtype == torch.float32 and self.max_head_dim_qk_fp32 < call.head_dim_qk <= self.max_head_dim_qk:
             reasons.append(f"float32 with a q/k head dim above {self.max_head_dim_qk_fp32} (is {call.head_dim_qk}) "
                            "does not fit in shared memory: use float16/bfloat16")
-        if max(call.batch, call.heads) > self.max_grid_yz:
-            reasons.append(f"batch ({call.batch}) and heads ({call.heads}) must each be <= {self.max_grid_yz} "
-                           "(CUDA launch grid)")
-        if call.dropout and max(call.Tq, call.Tk) >= 2**32:
+        reasons += _grid_reasons(call, self.max_grid_yz)
+        if call.dropout and max(call.Tq, call.Tk) > limits.DROPOUT_MAX_LEN:
             reasons.append("dropout needs sequence lengths below 2**32 (32-bit Philox counters)")
-        if call.pool is not None:
-            if call.pool.stride > self.max_pool_stride:
-                reasons.append(f"pooling stride {call.pool.stride} is more than {self.max_pool_stride}")
-            if call.pool.separate_cls and call.pool.stride == 1:
-                reasons.append("separate_cls with stride 1 (the [cls] row would be pooled twice)")
-        return reasons
+        if call.pool is not None and call.pool.stride > self.max_pool_stride:
+            reasons.append(f"pooling stride {call.pool.stride} is more than {self.max_pool_stride}")
+        return reasons + _pool_reasons(call)
 
     @property
     def _kernels(self):
@@ -215,11 +240,9 @@ class _ExtensionBackend(Backend):
             reasons.append(f"dtype {call.dtype} not supported ({names})")
         if call.dropout:
             reasons.append("dropout is not implemented in the extension's kernels")
-        if max(call.Tq, call.Tk) >= 2**31:
+        if max(call.Tq, call.Tk) > limits.EXT_MAX_LEN:
             reasons.append("sequence lengths must be below 2**31")
-        if call.pool is not None and call.pool.separate_cls and call.pool.stride == 1:
-            reasons.append("separate_cls with stride 1 (the [cls] row would be pooled twice)")
-        return reasons
+        return reasons + _pool_reasons(call)
 
     @property
     def _ops(self):
@@ -246,16 +269,19 @@ class CudaBackend(_ExtensionBackend):
     description = "CUDA C++ flash-attention kernels (csrc/, mma.sync, fwd + bwd)"
     device_type = "cuda"
     dtypes = (torch.float16, torch.bfloat16)
-    max_head_dim = 128  # effattn.cuda_ops.CUDA_MAX_HEAD_DIM
-    min_capability = (8, 0)  # mma.sync m16n8k16 bf16, ldmatrix, cp.async
-    max_grid_yz = 65535
+    # effattn.limits says why each limit is what it is
+    max_head_dim = limits.CUDA_MAX_HEAD_DIM
+    min_capability = limits.CUDA_MIN_CAPABILITY
+    max_grid_yz = limits.MAX_GRID_YZ
+    min_sparse_block = limits.CUDA_MIN_SPARSE_BLOCK
 
     def _device_reasons(self) -> list[str]:
         if not torch.cuda.is_available():
             return ["no CUDA device (torch.cuda.is_available() is False)"]
         cap = torch.cuda.get_device_capability()
         if cap < self.min_capability:
-            return [f"the CUDA kernels need compute capability >= 8.0, the device has {cap[0]}.{cap[1]}"]
+            need = ".".join(map(str, self.min_capability))
+            return [f"the CUDA kernels need compute capability >= {need}, the device has {cap[0]}.{cap[1]}"]
         return []
 
     def _extension_reasons(self, build):
@@ -277,24 +303,33 @@ class CudaBackend(_ExtensionBackend):
             if d > self.max_head_dim:
                 reasons.append(f"head dim of {what} is {d}, more than {self.max_head_dim} (the CUDA kernels pad "
                                "smaller head dims to 64 or 128)")
-        if max(call.batch, call.heads) > self.max_grid_yz:
-            reasons.append(f"batch ({call.batch}) and heads ({call.heads}) must each be <= {self.max_grid_yz} "
-                           "(CUDA launch grid)")
-        return reasons
+        if call.sparse and min(call.block_size) < self.min_sparse_block:
+            reasons.append(f"the CUDA block-sparse kernels need block sizes >= {self.min_sparse_block}, the mask has "
+                           f"{call.block_size[0]} x {call.block_size[1]}")
+        return reasons + _grid_reasons(call, self.max_grid_yz)
 
 
 class CppBackend(_ExtensionBackend):
     """The C++ CPU implementation of the extension: the tiled algorithm of the CUDA kernels on CPU tensors."""
 
     name = "cpp"
-    description = "C++ CPU implementation of the extension's tiled attention (fwd + bwd)"
+    description = "C++ CPU kernels of the extension: tiled, threaded, SIMD (AVX-512 / AVX2 / portable), fwd + bwd"
     device_type = "cpu"
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+    def not_supported_reasons(self, call, forced=False):
+        reasons = super().not_supported_reasons(call, forced)
+        if call.dtype == torch.float64 and not forced:
+            # a scalar, single-threaded path (kept for the twin's tests): float64 goes to the reference
+            reasons.append("float64 runs the reference unless backend='cpp' is named")
+        return reasons
+
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), ReferenceBackend(), CudaBackend(), CppBackend())}
-# The extension's backends ("cuda", "cpp") run only when named (argument or EFFATTN_BACKEND).
-AUTO_ORDER = ("triton", "reference")
+# CUDA tensors -> Triton, CPU tensors -> the C++ kernels, the reference last (float64, dropout on CPU, and
+# whatever the others decline). The CUDA C++ kernels run only when named (argument or EFFATTN_BACKEND)
+# until they have been checked on a GPU.
+AUTO_ORDER = ("triton", "cpp", "reference")
 
 
 def get_backend(name: str) -> Backend:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from effattn import limits
+
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "FULL",
@@ -49,7 +51,7 @@ __all__ = [
 NONE, PARTIAL, FULL = 0, 1, 2  # block kinds, ordered so that union = max and intersection = min
 KIND_DTYPE = torch.uint8
 INDEX_DTYPE = torch.int32  # every block count / index list, and segment ids
-MIN_BLOCK_SIZE = 16
+MIN_BLOCK_SIZE = limits.MIN_BLOCK_SIZE
 DEFAULT_BLOCK_SIZE = (64, 64)
 SEGMENT_BITSET_MAX = 4096  # up to this many distinct segment ids, NONE blocks are found exactly (bitsets)
 _WORD_BITS = 63  # bits per int64 word of a segment bitset (the sign bit is left unused)
@@ -105,6 +107,10 @@ def _segments(name: str, seg) -> torch.Tensor:
             raise ValueError(f"{name} holds ids outside the int32 range")
         seg = seg.to(INDEX_DTYPE)
     return seg
+
+
+def _equal_tensors(pairs) -> bool:
+    return all(a.shape == b.shape and a.device == b.device and torch.equal(a, b) for a, b in pairs)
 
 
 def _num_blocks(length: int, block: int) -> int:
@@ -209,8 +215,7 @@ class MaskRule:
             return False
         if self.q_segments is None:
             return True
-        return all(a.shape == b.shape and a.device == b.device and torch.equal(a, b)
-                   for a, b in ((self.q_segments, other.q_segments), (self.kv_segments, other.kv_segments)))
+        return _equal_tensors(((self.q_segments, other.q_segments), (self.kv_segments, other.kv_segments)))
 
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ValueError unless the segments cover ``q_len`` queries and ``kv_len`` keys."""
@@ -354,6 +359,9 @@ def _expand_list(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Ten
 
 _LIST_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+# BlockMask.as_tuple(): the tensors are the lists then the rule's segments (or None); the ints are these.
+_INT_NAMES = ("q_len", "kv_len", "block_q", "block_kv", "has_rule", "window_left", "window_right", "diag_offset",
+              "n_global")
 
 
 class BlockMask:
@@ -373,7 +381,9 @@ class BlockMask:
     :meth:`sliding_window`, :meth:`global_tokens`, :meth:`from_segments`, :meth:`bigbird`,
     :meth:`from_rule`, :meth:`from_block_kinds`, :meth:`from_dense_blocks`, :meth:`from_flex`) and
     combine with ``|`` / ``&``. :meth:`from_lists` (and the constructor) take the eight lists as they
-    are, checking shapes and dtypes only; :meth:`check` also checks their values.
+    are, checking shapes and dtypes only; :meth:`check` also checks their values. :meth:`as_tuple` /
+    :meth:`from_tuple` turn a mask into a list of tensors and a list of ints and back (as it crosses the
+    boundary of a torch op).
     """
 
     def __init__(self, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, full_kv_num_blocks: torch.Tensor,
@@ -424,6 +434,36 @@ class BlockMask:
         """The eight compressed lists as they are (shapes and dtypes checked, values not: see :meth:`check`)."""
         return cls(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
                    full_q_num_blocks, full_q_indices, q_len=q_len, kv_len=kv_len, block_size=block_size, rule=rule)
+
+    def as_tuple(self) -> tuple[list[torch.Tensor | None], list[int]]:
+        """The mask as ``(tensors, ints)``, the argument types of a torch custom op (``Tensor?[]``, ``int[]``):
+        the eight lists and the rule's segment ids (None without), then the lengths, the block size and
+        the rule's scalars. :meth:`from_tuple` rebuilds the mask."""
+        rule = self.rule
+        tensors = [getattr(self, name) for name in _LIST_NAMES]
+        tensors += [None, None] if rule is None else [rule.q_segments, rule.kv_segments]
+        window = (-1, -1, 0, 0) if rule is None else (rule.window_left, rule.window_right, rule.diag_offset,
+                                                       rule.n_global)
+        return tensors, [self.q_len, self.kv_len, *self.block_size, int(rule is not None), *window]
+
+    @classmethod
+    def from_tuple(cls, value) -> BlockMask:
+        """Inverse of :meth:`as_tuple`: the mask from ``(tensors, ints)`` (shapes and dtypes checked)."""
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise TypeError(f"from_tuple takes the pair (tensors, ints) of BlockMask.as_tuple(), got {value!r}")
+        tensors, ints = value
+        n_tensors = len(_LIST_NAMES) + 2
+        if not isinstance(tensors, (tuple, list)) or len(tensors) != n_tensors:
+            raise ValueError(f"from_tuple: tensors must be a list of {n_tensors} (the lists, then q and kv segments)")
+        if not isinstance(ints, (tuple, list)) or len(ints) != len(_INT_NAMES):
+            raise ValueError(f"from_tuple: ints must be a list of {len(_INT_NAMES)}: {', '.join(_INT_NAMES)}")
+        q_len, kv_len, block_q, block_kv, has_rule, window_left, window_right, diag_offset, n_global = ints
+        *lists, q_segments, kv_segments = tensors
+        rule = None
+        if has_rule:
+            rule = MaskRule(window_left=window_left, window_right=window_right, diag_offset=diag_offset,
+                            q_segments=q_segments, kv_segments=kv_segments, n_global=n_global)
+        return cls(*lists, q_len=q_len, kv_len=kv_len, block_size=(block_q, block_kv), rule=rule)
 
     @classmethod
     def from_block_kinds(cls, kinds: torch.Tensor, q_len: int, kv_len: int, block_size=DEFAULT_BLOCK_SIZE,
@@ -680,6 +720,15 @@ class BlockMask:
         if self._kinds is not None:
             mask._kinds = self._kinds.to(device)
         return mask
+
+    def same_as(self, other: BlockMask | None) -> bool:
+        """True if ``other`` is a BlockMask of the same sizes with equal lists and the same rule."""
+        if other is self:
+            return True
+        return (isinstance(other, BlockMask)
+                and (self.q_len, self.kv_len, self.block_size) == (other.q_len, other.kv_len, other.block_size)
+                and (other.rule is None if self.rule is None else self.rule.same_as(other.rule))
+                and _equal_tensors((getattr(self, name), getattr(other, name)) for name in _LIST_NAMES))
 
     def block_kinds(self) -> torch.Tensor:
         """uint8 ``(B, H, nQb, nKb)``: NONE / PARTIAL / FULL, reconstructed from the forward lists."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from effattn import _ext
+from effattn import _ext, limits
 from effattn.reference import QueryPool, compute_dtype
 
 # Every output buffer comes from here (tests swap in a NaN-filling allocator).
@@ -24,11 +24,7 @@ _alloc = torch.empty
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/launch.cu: kMaxHeadDim (64 and 128 tiles; smaller dims are padded)
-CUDA_MIN_SPARSE_BLOCK = 64  # csrc/cuda/launch.cu: kMinSparseBlock
-MAX_GRID_YZ = 65535
-MAX_LEN = 2**31 - 1
-# Tiles of the C++ CPU implementation (query rows, keys); capped by the block size of a BlockMask.
+# Tiles of the C++ CPU float64 path (query rows, keys); capped by the block size of a BlockMask.
 CPU_TILE = (32, 32)
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.bool: 4}
@@ -73,12 +69,12 @@ def _check_qkv(q, k, v, kind: str):
         _fail(f"inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if Dqk < 1 or v.shape[3] < 1:
         _fail("head dims must be >= 1")
-    if kind == "cuda" and max(Dqk, v.shape[3]) > CUDA_MAX_HEAD_DIM:
-        _fail(f"the CUDA kernels support head dims up to {CUDA_MAX_HEAD_DIM}, got q/k {Dqk}, v {v.shape[3]}")
-    if max(q.shape[2], Tk) > MAX_LEN:
+    if kind == "cuda" and max(Dqk, v.shape[3]) > limits.CUDA_MAX_HEAD_DIM:
+        _fail(f"the CUDA kernels support head dims up to {limits.CUDA_MAX_HEAD_DIM}, got q/k {Dqk}, v {v.shape[3]}")
+    if max(q.shape[2], Tk) > limits.EXT_MAX_LEN:
         _fail(f"sequence lengths must be below 2**31, got {q.shape[2]} and {Tk}")
-    if kind == "cuda" and max(B, Hq) > MAX_GRID_YZ:
-        _fail(f"batch ({B}) and heads ({Hq}) must each be <= {MAX_GRID_YZ} (CUDA launch grid)")
+    if kind == "cuda" and max(B, Hq) > limits.MAX_GRID_YZ:
+        _fail(f"batch ({B}) and heads ({Hq}) must each be <= {limits.MAX_GRID_YZ} (CUDA launch grid)")
 
 
 def _strides(ext, x: torch.Tensor):
@@ -98,7 +94,8 @@ def _params(ext, q, k, v, *, scale, kind):
         p.device = q.device.index if q.device.index is not None else torch.cuda.current_device()
         p.stream = torch.cuda.current_stream(q.device).cuda_stream
     else:
-        p.tile_m, p.tile_n = CPU_TILE
+        p.tile_m, p.tile_n = CPU_TILE  # the float64 path's tiles; the others choose their own
+        p.num_threads = torch.get_num_threads()
     return p
 
 
@@ -169,6 +166,12 @@ def attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     """
     del seed
     ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, pool)
+    return _forward(ext, kind, p, q, keep)
+
+
+def _forward(ext, kind, p, q, keep):
+    """Allocate ``out`` and ``lse`` and launch the forward (``keep``: the tensors ``p`` points into, alive
+    until the launch returns)."""
     out = _alloc(p.B, p.Hq, p.Tq, p.Dv, dtype=q.dtype, device=q.device)
     lse = _alloc(p.B, p.Hq, p.Tq, dtype=compute_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
@@ -259,10 +262,9 @@ def _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward: bool)
     if (bm.q_len, bm.kv_len) != (Tq, Tk):
         _fail(f"block_mask was built for {(bm.q_len, bm.kv_len)}, q and k have {(Tq, Tk)}")
     BQ, BKV = bm.block_size
-    if kind == "cuda" and min(BQ, BKV) < CUDA_MIN_SPARSE_BLOCK:
-        from effattn.backends import UnsupportedInputError
-        raise UnsupportedInputError(f"backend='cuda' cannot run this input: the CUDA block-sparse kernels need block "
-                                    f"sizes >= {CUDA_MIN_SPARSE_BLOCK}, the mask has {BQ} x {BKV}")
+    if kind == "cuda" and min(BQ, BKV) < limits.CUDA_MIN_SPARSE_BLOCK:
+        _fail(f"the CUDA block-sparse kernels need block sizes >= {limits.CUDA_MIN_SPARSE_BLOCK}, the mask has "
+              f"{BQ} x {BKV}")
     p = _params(ext, q, k, v, scale=scale, kind=kind)
     p.sparse, p.block_q, p.block_kv = 1, BQ, BKV
     nqb, nkb = -(-Tq // BQ), -(-Tk // BKV)
@@ -298,13 +300,7 @@ def sparse_forward(q, k, v, block_mask, key_padding_mask=None, *, scale: float):
     """Block-sparse forward over a validated :class:`effattn.BlockMask` for ``(Tq, Tk)``; key_padding_mask
     None or bool ``(B, Tk)``. Returns ``out (B, Hq, Tq, Dv)``, ``lse (B, Hq, Tq)``."""
     ext, kind, p, keep = _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward=False)
-    out = _alloc(p.B, p.Hq, p.Tq, p.Dv, dtype=q.dtype, device=q.device)
-    lse = _alloc(p.B, p.Hq, p.Tq, dtype=compute_dtype(q.dtype), device=q.device)
-    if out.numel() == 0:
-        return out, lse
-    p.o, p.so, p.lse = out.data_ptr(), _strides(ext, out), lse.data_ptr()
-    _run(ext, kind, "forward", p)
-    return out, lse
+    return _forward(ext, kind, p, q, keep)
 
 
 def sparse_backward(dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask=None, *, scale: float):

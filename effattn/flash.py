@@ -12,17 +12,16 @@ Layers, top to bottom:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from effattn import _validate
-from effattn.backends import AttentionCall, get_backend, select_backend
+from effattn import _op, _validate
+from effattn.backends import get_backend
+from effattn.block_mask import BlockMask, MaskRule
+from effattn.profile import visible_pairs
 from effattn.reference import compute_dtype
+from effattn.sparse import sparse_attention
 
 __all__ = ["flash_attention", "scaled_dot_product_attention"]
-
-_SEED_LIMIT = 2**62
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,50 +65,24 @@ def _(dout, q, k, v, out, lse, mask, dlse, scale, window_left, window_right, dia
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, mask, *scalars = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.scalars = scalars
+def _pairs(q, k, window_left, window_right, diag_offset, **_) -> int:
+    B, Hq, Tq = q.shape[:3]
+    return B * Hq * visible_pairs(Tq, k.shape[2], window_left, window_right, diag_offset)
 
 
-def _backward_with(bwd_op):
-    """Autograd backward of a forward op ``(q, k, v, mask, *scalars) -> (out, lse)`` through ``bwd_op``."""
-
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, mask, dlse, *ctx.scalars)
-        return dq, dk, dv, None, *([None] * len(ctx.scalars))
-
-    return backward
-
-
-attention_fwd.register_autograd(_backward_with(attention_bwd), setup_context=_setup_context)
+_op.register(attention_fwd, attention_bwd, pairs=_pairs)
 
 
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
-def _draw_seed(dropout_p: float, dropout_seed: int | None) -> int:
-    if dropout_p == 0.0:
-        return 0
-    if dropout_seed is not None:
-        return dropout_seed
-    return int(torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64).item())
-
-
 def _run(q, k, v, mask, shape, *, scale, window_left, window_right, diag_offset, dropout_p, seed, backend):
-    call = AttentionCall(device=q.device, dtype=q.dtype, head_dim_qk=shape.Dqk, head_dim_v=shape.Dv,
-                         Tq=shape.Tq, Tk=shape.Tk, dropout=dropout_p > 0.0, batch=shape.B, heads=shape.Hq)
-    chosen = select_backend(call, backend)
-    scale = 1.0 / math.sqrt(shape.Dqk) if scale is None else float(scale)
+    backend, scale = _op.prepare(q, shape, backend, scale, dropout_p=dropout_p, mask=mask)
     # A window wider than both sequences is unbounded on that side; clamping keeps kernel ints small.
     span = shape.Tq + shape.Tk
     window_left, window_right = min(window_left, span), min(window_right, span)
     return attention_fwd(q, k, v, mask, scale, window_left, window_right, diag_offset, float(dropout_p), seed,
-                         chosen.name)
+                         backend)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -167,7 +140,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
     out, lse = _run(q, k, v, mask, shape, scale=scale, window_left=window_left, window_right=window_right,
                     diag_offset=shape.Tk - shape.Tq, dropout_p=dropout_p,
-                    seed=_draw_seed(dropout_p, dropout_seed), backend=backend)
+                    seed=_op.draw_seed(dropout_p, dropout_seed), backend=backend)
     return (out, lse) if return_lse else out
 
 
@@ -177,9 +150,6 @@ SEGMENT_BLOCK_SIZE = (64, 64)  # tiles of the block mask that segment_ids turn i
 def _segmented(q, k, v, shape, segment_ids, *, scale, key_padding_mask, window_left, window_right, dropout_p,
                return_lse, backend):
     """flash_attention with segment ids: one MaskRule (window and segments), run block-sparse."""
-    from effattn.block_mask import BlockMask, MaskRule
-    from effattn.sparse import sparse_attention
-
     if dropout_p > 0.0:
         raise ValueError("segment_ids cannot be combined with dropout_p > 0 (the block-sparse kernels have no dropout)")
     q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, None)
@@ -255,5 +225,5 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if mask.dim() != 4:
             mask = mask.reshape(-1, *target[-3:])
     out, _ = _run(q, k, v, mask, shape, scale=scale, window_left=-1, window_right=0 if is_causal else -1,
-                  diag_offset=0, dropout_p=dropout_p, seed=_draw_seed(dropout_p, None), backend=backend)
+                  diag_offset=0, dropout_p=dropout_p, seed=_op.draw_seed(dropout_p, None), backend=backend)
     return out.reshape(*lead, shape.Hq, shape.Tq, shape.Dv)

@@ -12,13 +12,11 @@ implementations and registered autograd, then the public :func:`pooled_attention
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from effattn import _validate
-from effattn.backends import AttentionCall, get_backend, select_backend
-from effattn.flash import _backward_with, _draw_seed, _setup_context
+from effattn import _op, _validate
+from effattn.backends import get_backend
+from effattn.profile import visible_pairs
 from effattn.reference import POOL_MODES, QueryPool, compute_dtype, pool_queries
 from effattn.reference import pooled_positions as _pooled_positions
 
@@ -69,7 +67,14 @@ def _(dout, q, k, v, out, lse, mask, dlse, scale, window_left, window_right, str
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-pooled_attention_fwd.register_autograd(_backward_with(pooled_attention_bwd), setup_context=_setup_context)
+def _pairs(q, k, window_left, window_right, stride, mode, separate_cls, truncate, **_) -> int:
+    B, Hq, T = q.shape[:3]
+    pool = _pool(stride, mode, separate_cls, truncate)
+    return B * Hq * visible_pairs(pool.pooled_len(T), k.shape[2], window_left, window_right, pool.position_offset,
+                                  q_pos_stride=stride, clamp_first=separate_cls)
+
+
+_op.register(pooled_attention_fwd, pooled_attention_bwd, pairs=_pairs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,15 +137,11 @@ def pooled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strid
     _validate.check_key_padding_mask(key_padding_mask, shape, q.device)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    query_pool = _pool(stride, pool, separate_cls, truncate)
-    call = AttentionCall(device=q.device, dtype=q.dtype, head_dim_qk=shape.Dqk, head_dim_v=shape.Dv,
-                         Tq=query_pool.pooled_len(shape.Tq), Tk=shape.Tk, dropout=dropout_p > 0.0, batch=shape.B,
-                         heads=shape.Hq, pool=query_pool)
-    chosen = select_backend(call, backend)
-    scale = 1.0 / math.sqrt(shape.Dqk) if scale is None else float(scale)
     mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
+    backend, scale = _op.prepare(q, shape, backend, scale, dropout_p=dropout_p, mask=mask,
+                                 pool=_pool(stride, pool, separate_cls, truncate))
     out, lse = pooled_attention_fwd(q, k, v, mask, scale, -1, 0 if causal else -1, stride, pool, separate_cls,
-                                    truncate, float(dropout_p), _draw_seed(dropout_p, dropout_seed), chosen.name)
+                                    truncate, float(dropout_p), _op.draw_seed(dropout_p, dropout_seed), backend)
     return (out, lse) if return_lse else out
 
 

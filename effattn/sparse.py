@@ -1,55 +1,38 @@
 """Block-sparse attention over a :class:`effattn.BlockMask`: the torch ops and the public function.
 
 ``effattn::sparse_attention_fwd`` / ``_bwd`` are custom ops (fake implementations, registered
-autograd) taking the mask's compressed lists as tensors, so they trace and compile like the flash
-ops; :func:`sparse_attention` is the public function. Backends: the Triton kernels of
-``kernels/block_sparse_attn.py`` (time proportional to the kept blocks) and the chunked reference,
-which expands the mask one chunk of query rows at a time.
+autograd) taking the mask as :meth:`BlockMask.as_tuple` gives it (a list of tensors and a list of
+ints), so they trace and compile like the flash ops; :func:`sparse_attention` is the public
+function. Backends: the Triton kernels of ``kernels/block_sparse_attn.py`` (time proportional to the
+kept blocks) and the chunked reference, which expands the mask one chunk of query rows at a time.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from effattn import _validate
-from effattn.backends import AttentionCall, get_backend, select_backend
-from effattn.block_mask import BlockMask, MaskRule
-from effattn.flash import _backward_with, _setup_context
+from effattn import _op, _validate
+from effattn.backends import get_backend
+from effattn.block_mask import BlockMask
+from effattn.profile import kept_pairs
 from effattn.reference import compute_dtype
 
 __all__ = ["sparse_attention"]
 
 
-def _mask_from_args(q_len, kv_len, block_q, block_kv, lists, q_segments, kv_segments, window_left, window_right,
-                    diag_offset, n_global, has_rule) -> BlockMask:
-    rule = None
-    if has_rule:
-        rule = MaskRule(window_left=window_left, window_right=window_right, diag_offset=diag_offset,
-                        q_segments=q_segments, kv_segments=kv_segments, n_global=n_global)
-    return BlockMask.from_lists(*lists, q_len=q_len, kv_len=kv_len, block_size=(block_q, block_kv), rule=rule)
-
-
 @torch.library.custom_op("effattn::sparse_attention_fwd", mutates_args=())
 def sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                         kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, full_kv_num_blocks: torch.Tensor,
-                         full_kv_indices: torch.Tensor, q_num_blocks: torch.Tensor, q_indices: torch.Tensor,
-                         full_q_num_blocks: torch.Tensor, full_q_indices: torch.Tensor,
-                         q_segments: torch.Tensor | None, kv_segments: torch.Tensor | None, scale: float,
-                         block_q: int, block_kv: int, window_left: int, window_right: int, diag_offset: int,
-                         n_global: int, has_rule: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention forward: ``out (B, Hq, Tq, Dv)``, ``lse (B, Hq, Tq)``."""
-    lists = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
-             full_q_num_blocks, full_q_indices)
-    mask = _mask_from_args(q.shape[2], k.shape[2], block_q, block_kv, lists, q_segments, kv_segments, window_left,
-                           window_right, diag_offset, n_global, has_rule)
+                         block_mask_tensors: list[torch.Tensor | None], block_mask_ints: list[int], scale: float,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention forward over ``BlockMask.from_tuple((block_mask_tensors, block_mask_ints))``:
+    ``out (B, Hq, Tq, Dv)``, ``lse (B, Hq, Tq)``."""
+    mask = BlockMask.from_tuple((block_mask_tensors, block_mask_ints))
     out, lse = get_backend(backend).sparse_forward(q, k, v, mask, key_padding_mask, scale=scale)
     return out, lse.to(compute_dtype(q.dtype))
 
 
 @sparse_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, *args):
+def _(q, k, v, key_padding_mask, block_mask_tensors, block_mask_ints, scale, backend):
     B, Hq, Tq, _ = q.shape
     return q.new_empty(B, Hq, Tq, v.shape[-1]), q.new_empty(B, Hq, Tq, dtype=compute_dtype(q.dtype))
 
@@ -57,27 +40,24 @@ def _(q, k, v, key_padding_mask, *args):
 @torch.library.custom_op("effattn::sparse_attention_bwd", mutates_args=())
 def sparse_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          lse: torch.Tensor, key_padding_mask: torch.Tensor | None, dlse: torch.Tensor | None,
-                         kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, full_kv_num_blocks: torch.Tensor,
-                         full_kv_indices: torch.Tensor, q_num_blocks: torch.Tensor, q_indices: torch.Tensor,
-                         full_q_num_blocks: torch.Tensor, full_q_indices: torch.Tensor,
-                         q_segments: torch.Tensor | None, kv_segments: torch.Tensor | None, scale: float,
-                         block_q: int, block_kv: int, window_left: int, window_right: int, diag_offset: int,
-                         n_global: int, has_rule: bool,
+                         block_mask_tensors: list[torch.Tensor | None], block_mask_ints: list[int], scale: float,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`sparse_attention_fwd`: ``dq, dk, dv`` (``dlse``: gradient of lse, or None)."""
-    lists = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
-             full_q_num_blocks, full_q_indices)
-    mask = _mask_from_args(q.shape[2], k.shape[2], block_q, block_kv, lists, q_segments, kv_segments, window_left,
-                           window_right, diag_offset, n_global, has_rule)
+    mask = BlockMask.from_tuple((block_mask_tensors, block_mask_ints))
     return get_backend(backend).sparse_backward(dout, q, k, v, out, lse, dlse, mask, key_padding_mask, scale=scale)
 
 
 @sparse_attention_bwd.register_fake
-def _(dout, q, k, v, *args):
+def _(dout, q, k, v, out, lse, key_padding_mask, dlse, block_mask_tensors, block_mask_ints, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-sparse_attention_fwd.register_autograd(_backward_with(sparse_attention_bwd), setup_context=_setup_context)
+def _pairs(q, block_mask_tensors, block_mask_ints, **_) -> int:
+    per_bh = kept_pairs(BlockMask.from_tuple((block_mask_tensors, block_mask_ints)))
+    return int(per_bh.expand(q.shape[0], q.shape[1]).sum())
+
+
+_op.register(sparse_attention_fwd, sparse_attention_bwd, pairs=_pairs)
 
 
 def _check_block_mask(block_mask, shape: _validate.QKVShape, device: torch.device) -> None:
@@ -118,16 +98,6 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
     _validate.check_scale(scale)
     _validate.check_key_padding_mask(key_padding_mask, shape, q.device)
     _check_block_mask(block_mask, shape, q.device)
-    call = AttentionCall(device=q.device, dtype=q.dtype, head_dim_qk=shape.Dqk, head_dim_v=shape.Dv, Tq=shape.Tq,
-                         Tk=shape.Tk, dropout=False, batch=shape.B, heads=shape.Hq)
-    chosen = select_backend(call, backend)
-    scale = 1.0 / math.sqrt(shape.Dqk) if scale is None else float(scale)
-    bm = block_mask
-    rule = bm.rule
-    out, lse = sparse_attention_fwd(
-        q, k, v, key_padding_mask, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-        bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices,
-        rule.q_segments if rule else None, rule.kv_segments if rule else None, scale, bm.block_size[0],
-        bm.block_size[1], rule.window_left if rule else -1, rule.window_right if rule else -1,
-        rule.diag_offset if rule else 0, rule.n_global if rule else 0, rule is not None, chosen.name)
+    backend, scale = _op.prepare(q, shape, backend, scale, mask=key_padding_mask, block_size=block_mask.block_size)
+    out, lse = sparse_attention_fwd(q, k, v, key_padding_mask, *block_mask.as_tuple(), scale, backend)
     return (out, lse) if return_lse else out

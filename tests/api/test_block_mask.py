@@ -9,6 +9,9 @@ import torch
 import effattn.block_mask as bmod
 from effattn.block_mask import FULL, NONE, PARTIAL, BlockMask, MaskRule, intersection, union
 
+# the eight compressed lists, in the order of BlockMask.from_lists
+LIST_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+              "full_q_num_blocks", "full_q_indices")
 SIZES = [(1, 1), (17, 17), (17, 100), (100, 17), (100, 100), (33, 64)]
 BLOCKS = [(16, 16), (32, 16), (16, 64)]
 
@@ -222,13 +225,58 @@ def test_from_block_kinds_round_trip():
     rule = MaskRule(window_right=0)
     bm = BlockMask.from_block_kinds(kinds, 40, 64, (16, 16), rule)
     assert torch.equal(bm.block_kinds(), kinds)
-    fresh = BlockMask.from_lists(*(getattr(bm, n) for n in bmod._LIST_NAMES), q_len=40, kv_len=64,
+    fresh = BlockMask.from_lists(*(getattr(bm, n) for n in LIST_NAMES), q_len=40, kv_len=64,
                                  block_size=(16, 16), rule=rule)
     assert torch.equal(fresh.block_kinds(), kinds)  # rebuilt from the lists
     i, j = torch.arange(40)[:, None], torch.arange(64)[None]
     k = kinds.repeat_interleave(16, 2).repeat_interleave(16, 3)[:, :, :40, :64]
     assert torch.equal(fresh.to_dense(), (k == FULL) | ((k == PARTIAL) & (j <= i)))
     assert torch.equal(fresh.dense_rows(7, 33), fresh.to_dense()[:, :, 7:33])
+
+
+def _round_trip_masks():
+    seg = torch.tensor([[0] * 20 + [1] * 13 + [2] * 7, [5] * 40], dtype=torch.int32)
+    kv_seg = torch.tensor([[0] * 30 + [1] * 34, [5] * 60 + [6] * 4], dtype=torch.int32)
+    yield BlockMask.random(40, 64, 0.5, (16, 32), batch=2, heads=3, generator=torch.Generator().manual_seed(0))
+    yield BlockMask.causal(40, 64, block_size=16)
+    yield BlockMask.bigbird(64, 64, window=(5, 3), n_global=2, n_random_blocks=1, block_size=16,
+                            generator=torch.Generator().manual_seed(1))
+    yield BlockMask.from_rule(MaskRule(window_right=0, diag_offset=24, q_segments=seg, kv_segments=kv_seg), 40, 64,
+                              (16, 16), heads=2)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_as_tuple_round_trip(index):
+    bm = list(_round_trip_masks())[index]
+    tensors, ints = bm.as_tuple()
+    assert all(t is None or isinstance(t, torch.Tensor) for t in tensors)
+    assert all(type(i) is int for i in ints)
+    back = BlockMask.from_tuple(bm.as_tuple())
+    assert back.same_as(bm) and bm.same_as(back)
+    assert (back.rule is None) == (bm.rule is None)
+    if bm.rule is not None:
+        assert back.rule.same_as(bm.rule)
+    assert torch.equal(back.to_dense(), bm.to_dense())
+    for name in LIST_NAMES:
+        assert torch.equal(getattr(back, name), getattr(bm, name))
+
+
+def test_as_tuple_keeps_an_empty_rule_and_from_tuple_checks():
+    bm = BlockMask.from_block_kinds(torch.ones(1, 1, 2, 2, dtype=torch.uint8), 32, 32, 16, MaskRule())
+    back = BlockMask.from_tuple(bm.as_tuple())
+    assert back.rule is not None and back.rule.same_as(MaskRule())
+    no_rule = BlockMask.causal(32, 32, block_size=16)
+    assert not no_rule.same_as(bm) and not bm.same_as(BlockMask.sliding_window(32, 32, 3, 0, block_size=16))
+    assert not bm.same_as(None)
+    tensors, ints = bm.as_tuple()
+    with pytest.raises(TypeError, match=r"pair \(tensors, ints\)"):
+        BlockMask.from_tuple(tensors)
+    with pytest.raises(ValueError, match="tensors must be a list of 10"):
+        BlockMask.from_tuple((tensors[:8], ints))
+    with pytest.raises(ValueError, match="ints must be a list of 9"):
+        BlockMask.from_tuple((tensors, ints[:4]))
+    with pytest.raises(ValueError, match="kv_num_blocks must have shape"):
+        BlockMask.from_tuple((tensors, [48, *ints[1:]]))
 
 
 def test_bigbird():
@@ -239,7 +287,7 @@ def test_bigbird():
         return BlockMask.bigbird(Tq, Tk, window=9, n_global=3, n_random_blocks=2, block_size=block,
                                  generator=torch.Generator().manual_seed(seed), heads=2)
     a, b, c = make(0), make(0), make(1)
-    for name in bmod._LIST_NAMES:
+    for name in LIST_NAMES:
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert not torch.equal(a.block_kinds(), c.block_kinds())
     rule_dense = dense_rule(Tq, Tk, left=9, right=9, n_global=3)
@@ -453,7 +501,7 @@ def test_bad_kinds_and_lists():
     with pytest.raises(TypeError, match="blocks must be a bool"):
         BlockMask.from_dense_blocks(torch.ones(1, 1, 2, 2), 32, 32, 16)
     bm = BlockMask.causal(40, 40, block_size=16)
-    lists = [getattr(bm, n) for n in bmod._LIST_NAMES]
+    lists = [getattr(bm, n) for n in LIST_NAMES]
     kw = dict(q_len=40, kv_len=40, block_size=16, rule=bm.rule)
     with pytest.raises(TypeError, match="kv_indices must be int32"):
         BlockMask.from_lists(lists[0], lists[1].long(), *lists[2:], **kw)
@@ -469,7 +517,7 @@ def test_bad_kinds_and_lists():
         swapped.check()
     two = BlockMask.from_block_kinds(torch.tensor([[[[1, 1, 0], [0, 2, 2], [0, 0, 0]]]], dtype=torch.uint8),
                                      40, 40, 16, bm.rule)
-    lists2 = [getattr(two, n) for n in bmod._LIST_NAMES]
+    lists2 = [getattr(two, n) for n in LIST_NAMES]
     assert lists2[1][0, 0, 0, :2].tolist() == [0, 1]
     bad = lists2[1].clone()
     bad[0, 0, 0, :2] = torch.tensor([1, 0], dtype=torch.int32)

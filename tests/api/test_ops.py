@@ -8,7 +8,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import effattn
-from effattn import backends
+from effattn import BlockMask, backends
 from effattn.backends import AttentionCall
 from tests.helpers import make_qkv
 
@@ -53,9 +53,42 @@ def test_torch_compile_fwd_bwd():
         torch.testing.assert_close(a, b)
 
 
-def test_auto_dispatch_cpu_is_reference(monkeypatch):
+@pytest.mark.parametrize("rule", ["causal", "segments", "none"])
+def test_opcheck_sparse(rule):
+    q, k, v = make_qkv(B=2, Hq=2, Tq=20, Tk=36, D=8, dtype=torch.float32)
+    if rule == "causal":
+        bm = BlockMask.causal(20, 36, block_size=(16, 16))
+    elif rule == "segments":
+        bm = BlockMask.from_segments(torch.tensor([[0] * 12 + [1] * 8, [2] * 20]),
+                                     torch.tensor([[0] * 10 + [1] * 26, [2] * 30 + [3] * 6]), block_size=16)
+    else:
+        bm = BlockMask.random(20, 36, 0.6, (16, 16), heads=2, keep_diagonal=True)
+    kpm = torch.rand(2, 36) > 0.2
+    torch.library.opcheck(torch.ops.effattn.sparse_attention_fwd.default,
+                          (q, k, v, kpm, *bm.as_tuple(), 0.3, "reference"))
+
+
+def test_torch_compile_sparse_fwd_bwd():
+    q, k, v = make_qkv(Hq=2, Tq=40, D=16, dtype=torch.float32)
+    bm = BlockMask.sliding_window(40, 40, 9, 0, block_size=16)
+
+    def f(q, k, v):
+        return effattn.sparse_attention(q, k, v, bm, backend="reference")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v)
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    ref = f(q, k, v)
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_dispatch_cpu(monkeypatch):
     call = AttentionCall(torch.device("cpu"), torch.float32, 64, 64, 10, 10, False)
-    assert backends.select_backend(call).name == "reference"
+    expected = "cpp" if not backends.BACKENDS["cpp"].not_supported_reasons(call) else "reference"
+    assert backends.select_backend(call).name == expected  # the C++ kernels when the extension is built
     assert backends.select_backend(call, "reference").name == "reference"
     monkeypatch.setenv("EFFATTN_BACKEND", "reference")
     assert backends.select_backend(call).name == "reference"
