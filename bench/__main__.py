@@ -1,4 +1,4 @@
-"""``python -m bench``: the attention benchmark (see :mod:`bench.bench_attention`)."""
+"""``python -m bench`` and the console script ``effattn-bench``: the harness (:mod:`bench.bench_attention`)."""
 
 from bench.bench_attention import main
 

@@ -1,6 +1,7 @@
 """Command line of the benchmark harness: ``python -m bench`` or ``effattn-bench`` ``[--preset NAME] [options]``.
 
-A preset fixes every axis of the sweep; an axis given on the command line replaces the preset's.
+A preset fixes every axis of the sweep; an axis given on the command line replaces the preset's (in
+every part of a preset made of several sweeps; ``--op`` keeps the parts that have those ops).
 Examples::
 
     python -m bench                                   # quick preset (every op), CUDA if present
@@ -9,7 +10,9 @@ Examples::
         --dtype fp16 bf16 --causal both --mode fwd fwd+bwd --providers naive sdpa effattn
     python -m bench --op pooled --stride 2 4 --seqlen 4096
     python -m bench --op sparse --pattern random documents --sparsity 0.5 0.9 0.97 --block 64
-    python -m bench --op funnel predict --seqlen 1024
+    python -m bench --op funnel predict --seqlen 1024 --funnel-type relative_shift factorized
+    python -m bench --preset sparse --stem sparse    # sparse time against the kept share, mask build times
+    python -m bench --preset funnel --stem funnel    # pooled in the kernel or first; the Funnel layer vs HF
 
 Exit status: 0, or 1 when some provider's output was wrong (the files are written all the same),
 2 for bad arguments, 130 when interrupted.
@@ -40,34 +43,26 @@ EXIT_WRONG = 1
 EXIT_INTERRUPTED = 130
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def _number(kind: type, accept, rule: str):
+    """An argparse type: ``text`` as ``kind`` (int or float), rejected unless ``accept(value)``, saying ``rule``."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {noun}: {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {rule}"  # argparse names the type in its messages
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+positive_int = _number(int, lambda v: v > 0, "> 0")
+positive_float = _number(float, lambda v: v > 0, "> 0")
+_fraction = _number(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
 def _stem(text: str) -> str:
@@ -77,10 +72,15 @@ def _stem(text: str) -> str:
 
 
 def _block(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < MIN_BLOCK or value & (value - 1):
         raise argparse.ArgumentTypeError(f"must be a power of two >= {MIN_BLOCK}, got {value}")
     return value
+
+
+def _help(text: str) -> str:
+    """``text`` as an argparse help string: argparse expands ``%`` there, a literal one must be ``%%``."""
+    return text.replace("%", "%%")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "axis given here replaces the preset's.",
         epilog="Examples:" + __doc__.split("Examples::")[1])
     p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
-                   help="named sweep: " + "; ".join(f"{n}: {s.description}" for n, s in PRESETS.items()))
+                   help=_help("named sweep: " + "; ".join(f"{n}: {s.description}" for n, s in PRESETS.items())))
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when available, else cpu")
     p.add_argument("--providers", nargs="+", choices=list(PROVIDERS), metavar="NAME",
                    help=f"implementations to compare (default: all): {', '.join(PROVIDERS)}; naming one runs it "
@@ -100,27 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--op", nargs="+", choices=bench_cases.OP_NAMES,
                        help="ops: attention (flash), pooled (Funnel's pool-query-only), sparse (block-sparse), "
                             "funnel (a Funnel relative-attention layer), predict (block-mask prediction)")
-    sizes.add_argument("--stride", nargs="+", type=_positive_int, metavar="S", help="pooled: pooling strides")
+    sizes.add_argument("--stride", nargs="+", type=positive_int, metavar="S", help="pooled: pooling strides")
     sizes.add_argument("--pattern", nargs="+", choices=bench_cases.PATTERNS, help="sparse: mask patterns")
     sizes.add_argument("--sparsity", nargs="+", type=_fraction, metavar="S",
                        help="share of blocks cut: sparse random masks, predict (kept per query block)")
     sizes.add_argument("--block", type=_block, metavar="N", help="sparse, predict: block size (tokens)")
+    sizes.add_argument("--funnel-type", nargs="+", choices=bench_cases.FUNNEL_TYPES,
+                       help="funnel: Hugging Face's attention types (the same layer computed two ways)")
     batch = sizes.add_mutually_exclusive_group()
-    batch.add_argument("--batch", nargs="+", type=_positive_int, metavar="B", help="batch sizes")
-    batch.add_argument("--tokens", type=_positive_int, metavar="N", help="batch = max(1, N // T) (B*T held at N)")
+    batch.add_argument("--batch", nargs="+", type=positive_int, metavar="B", help="batch sizes")
+    batch.add_argument("--tokens", type=positive_int, metavar="N", help="batch = max(1, N // T) (B*T held at N)")
     heads = sizes.add_mutually_exclusive_group()
-    heads.add_argument("--heads", nargs="+", type=_positive_int, metavar="H", help="query heads")
-    heads.add_argument("--model-dim", type=_positive_int, metavar="W", help="query heads = W // D")
-    sizes.add_argument("--gqa", nargs="+", type=_positive_int, metavar="G",
+    heads.add_argument("--heads", nargs="+", type=positive_int, metavar="H", help="query heads")
+    heads.add_argument("--model-dim", type=positive_int, metavar="W", help="query heads = W // D")
+    sizes.add_argument("--gqa", nargs="+", type=positive_int, metavar="G",
                        help="query heads per KV head (1: multi-head; 4: Hq = 4 Hkv)")
-    sizes.add_argument("--seqlen", nargs="+", type=_positive_int, metavar="T", help="sequence lengths (Tq = Tk)")
-    sizes.add_argument("--headdim", nargs="+", type=_positive_int, metavar="D", help="head dims")
+    sizes.add_argument("--seqlen", nargs="+", type=positive_int, metavar="T", help="sequence lengths (Tq = Tk)")
+    sizes.add_argument("--headdim", nargs="+", type=positive_int, metavar="D", help="head dims")
     sizes.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="input dtypes")
     sizes.add_argument("--causal", choices=list(CAUSAL_CHOICES), help="dense (false), causal (true) or both")
     sizes.add_argument("--mode", nargs="+", choices=MODES, help="fwd, bwd (backward alone) and/or fwd+bwd")
     run = p.add_argument_group("run")
-    run.add_argument("--time-budget", type=_positive_float, metavar="S",
+    run.add_argument("--time-budget", type=positive_float, metavar="S",
                      help="seconds after which the remaining rows are skipped (default: the preset's)")
+    run.add_argument("--min-run-time", type=positive_float, metavar="S",
+                     help="CPU timing: blocked_autorange's min_run_time per row (default: the preset's)")
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the JSON/CSV/markdown/PNG files")
     run.add_argument("--stem", default=report.STEM, type=_stem,
@@ -147,7 +151,7 @@ def resolve_sweep(args: argparse.Namespace) -> Sweep:
         changes.update(model_dim=args.model_dim)
     for axis, attr in (("gqa", "gqa"), ("seqlen", "seqlens"), ("headdim", "headdims"), ("dtype", "dtypes"),
                        ("mode", "modes"), ("op", "ops"), ("stride", "strides"), ("pattern", "patterns"),
-                       ("sparsity", "sparsities")):
+                       ("sparsity", "sparsities"), ("funnel_type", "funnel_types")):
         if getattr(args, axis):
             changes[attr] = tuple(dict.fromkeys(getattr(args, axis)))
     if args.causal:
@@ -156,7 +160,9 @@ def resolve_sweep(args: argparse.Namespace) -> Sweep:
         changes["block"] = args.block
     if args.time_budget:
         changes["time_budget_s"] = args.time_budget
-    return dataclasses.replace(sweep, **changes)
+    if args.min_run_time:
+        changes["timing"] = dataclasses.replace(sweep.timing, cpu_min_run_time_s=args.min_run_time)
+    return sweep.replace(**changes)
 
 
 def resolve_device(parser: argparse.ArgumentParser, name: str) -> str:

@@ -12,7 +12,8 @@ computes and counts):
   at ``sparsity``, the share of blocks cut; ``causal``, ``sliding``, ``documents``, ``bigbird``)
   with square blocks of ``block`` tokens.
 * ``funnel``: one Funnel relative-attention layer (d_model = ``H * D``) at its pooling block
-  (``stride`` 2): hidden states ``(B, T, H * D)`` in, ``(B, Tp, H * D)`` out.
+  (``stride`` 2): hidden states ``(B, T, H * D)`` in, ``(B, Tp, H * D)`` out; ``pattern`` is Hugging
+  Face's attention type (``relative_shift`` or ``factorized``, the same function computed two ways).
 * ``predict``: block-mask prediction from ``q, k (B, H, T, D)`` keeping ``1 - sparsity`` of the kv
   blocks per query block (forward only).
 """
@@ -32,6 +33,8 @@ CAUSAL_CHOICES: dict[str, tuple[bool, ...]] = {"false": (False,), "true": (True,
 DEVICES = ("auto", "cpu", "cuda")
 OP_NAMES = ("attention", "pooled", "sparse", "funnel", "predict")
 PATTERNS = ("random", "causal", "sliding", "documents", "bigbird")
+# Hugging Face's two implementations of Funnel's relative attention (the same function, other work).
+FUNNEL_TYPES = ("relative_shift", "factorized")
 # Ops whose every case is forward only (no gradient through a predicted mask).
 FORWARD_ONLY_OPS = ("predict",)
 
@@ -76,6 +79,8 @@ class Case:
 
     def op_label(self) -> str:
         """The op and its parameters: ``attention``, ``pooled/2``, ``sparse random 0.9 b64``, ``funnel/2``."""
+        if self.op == "funnel" and self.pattern not in ("", FUNNEL_TYPES[0]):
+            return f"funnel/{self.stride} {self.pattern}"
         if self.op in ("pooled", "funnel"):
             return f"{self.op}/{self.stride}"
         if self.op == "sparse":
@@ -99,15 +104,19 @@ class Sweep:
 
     ``tokens``, when set, replaces ``batch``: ``B = max(1, tokens // T)`` (FlashAttention's benchmarks
     hold ``B * T`` at 16k tokens). ``model_dim``, when set, replaces ``heads``: ``Hq = model_dim // D``.
+    ``parts``: more sweeps whose cases follow this one's (a preset that is not one product of axes,
+    such as a few rows in another dtype); an axis given on the command line replaces theirs too
+    (:meth:`replace`), and a case that two parts share is run once. Their ``timing`` and
+    ``time_budget_s`` are this sweep's.
     """
 
-    name: str
-    description: str
     seqlens: tuple[int, ...]
     headdims: tuple[int, ...]
     dtypes: tuple[str, ...]
     causal: tuple[bool, ...]
     modes: tuple[str, ...]
+    name: str = ""
+    description: str = ""
     batch: tuple[int, ...] = (1,)
     heads: tuple[int, ...] = (4,)
     gqa: tuple[int, ...] = (1,)
@@ -118,14 +127,32 @@ class Sweep:
     patterns: tuple[str, ...] = ("random",)
     sparsities: tuple[float, ...] = (0.5, 0.9)
     block: int = 64
+    funnel_types: tuple[str, ...] = (FUNNEL_TYPES[0],)
     timing: TimingConfig = TimingConfig()
     time_budget_s: float | None = None
+    parts: tuple[Sweep, ...] = ()
 
     def batches_for(self, seqlen: int) -> tuple[int, ...]:
         return (max(1, self.tokens // seqlen),) if self.tokens else self.batch
 
     def heads_for(self, headdim: int) -> tuple[int, ...]:
         return (max(1, self.model_dim // headdim),) if self.model_dim else self.heads
+
+    def replace(self, **changes) -> Sweep:
+        """This sweep and its parts with ``changes`` (axes given on the command line) applied to each, but for
+        ``ops``: it replaces this sweep's, and a part keeps only those of its ops that it names (a part left
+        with none is dropped), so that ``--op sparse`` on a preset runs the sparse cases of every part."""
+        parts = []
+        for part in self.parts:
+            if "ops" in changes:
+                kept = tuple(op for op in part.ops if op in changes["ops"])
+                if not kept:
+                    continue
+                part = part.replace(**{**changes, "ops": kept})
+            else:
+                part = part.replace(**changes)
+            parts.append(part)
+        return dataclasses.replace(self, **changes, parts=tuple(parts))
 
 
 # Funnel's pooling layers halve the sequence.
@@ -134,18 +161,32 @@ FUNNEL_STRIDE = 2
 FA_BENCH_TOKENS = 16 * 1024
 FA_BENCH_MODEL_DIM = 2048
 KI = 1024
+# The structured sparse patterns (every one but random).
+STRUCTURED = PATTERNS[1:]
+# Kept shares 1, 1/2, 1/4, 1/10, 1/20 of a sparse sweep against density.
+DENSITY_SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
+CPU_TIMING = TimingConfig(cpu_min_run_time_s=0.05)
+GPU_TIMING = TimingConfig(cuda_warmup_ms=10.0, cuda_rep_ms=50.0)
 
 PRESETS: dict[str, Sweep] = {
     preset.name: preset
     for preset in (
         Sweep(
             name="quick",
-            description=("CPU-sized, every op at T=256 and 1024, fp32, fwd and fwd+bwd: attention (dense, causal, "
-                         "GQA), pooled (stride 2, 4), sparse (random 50/90 %, documents), Funnel layer, mask "
-                         "prediction (about a minute on 2 cores)"),
-            seqlens=(256, KI), headdims=(64,), dtypes=("fp32",), causal=(False, True), modes=("fwd", "fwd+bwd"),
-            batch=(1,), heads=(4,), gqa=(1, 4), ops=OP_NAMES, strides=(2, 4), patterns=("random", "documents"),
-            sparsities=(0.5, 0.9), block=64, timing=TimingConfig(cpu_min_run_time_s=0.05),
+            description=("CPU-sized, fp32, B=1, H=8, D=64, fwd and fwd+bwd: at T=1k and 2k attention (dense, causal), "
+                         "pooled (stride 2), sparse (random, 50 and 90 % of the 64x64 blocks cut); at T=1k also "
+                         "GQA, pooled stride 4, sparse documents, the Funnel layer, mask prediction, and one dense "
+                         "forward row each in fp16 and bf16; T=2k last; time-boxed to 180 s"),
+            seqlens=(KI,), headdims=(64,), dtypes=("fp32",), causal=(False, True), modes=("fwd", "fwd+bwd"),
+            batch=(1,), heads=(8,), gqa=(1, 4), ops=OP_NAMES, strides=(2, 4), patterns=("random", "documents"),
+            sparsities=(0.5, 0.9), block=64, timing=CPU_TIMING, time_budget_s=180.0,
+            parts=(
+                Sweep(seqlens=(KI,), headdims=(64,), dtypes=("fp16", "bf16"), causal=(False,), modes=("fwd",),
+                      heads=(8,)),
+                Sweep(seqlens=(2 * KI,), headdims=(64,), dtypes=("fp32",), causal=(False, True),
+                      modes=("fwd", "fwd+bwd"), heads=(8,), ops=("attention", "pooled", "sparse"), strides=(2,),
+                      patterns=("random",), sparsities=(0.5, 0.9)),
+            ),
         ),
         Sweep(
             name="tiny",
@@ -156,12 +197,31 @@ PRESETS: dict[str, Sweep] = {
             timing=TimingConfig(cpu_min_run_time_s=0.005, cuda_warmup_ms=2.0, cuda_rep_ms=5.0),
         ),
         Sweep(
+            name="sparse",
+            description=("CPU-sized block-sparse sweep: time against the kept share of 64x64 blocks (random masks "
+                         "keeping 1, 1/2, 1/4, 1/10, 1/20; causal, sliding, documents, BigBird) next to dense "
+                         "attention, and each mask's build time; fp32, B=1, H=2, T=512 and 1k, D=64"),
+            seqlens=(KI // 2, KI), headdims=(64,), dtypes=("fp32",), causal=(False,), modes=("fwd", "fwd+bwd"),
+            heads=(2,), ops=("attention", "sparse"), patterns=PATTERNS, sparsities=DENSITY_SPARSITIES, block=64,
+            timing=CPU_TIMING,
+        ),
+        Sweep(
+            name="funnel",
+            description=("CPU-sized Funnel sweep: pooled attention (stride 2; in the kernel, pooled first, SDPA) at "
+                         "B=1, H=4, T=512 and 2k, D=64, and the Funnel layer (d_model 256, both of Hugging Face's "
+                         "attention types) at T=256 and 1k; fp32, fwd and fwd+bwd"),
+            seqlens=(KI // 2, 2 * KI), headdims=(64,), dtypes=("fp32",), causal=(False,), modes=("fwd", "fwd+bwd"),
+            heads=(4,), ops=("pooled",), strides=(FUNNEL_STRIDE,), timing=CPU_TIMING,
+            parts=(Sweep(seqlens=(KI // 4, KI), headdims=(64,), dtypes=("fp32",), causal=(False,),
+                         modes=("fwd", "fwd+bwd"), heads=(4,), ops=("funnel",), funnel_types=FUNNEL_TYPES),),
+        ),
+        Sweep(
             name="h100",
             description=("GPU: attention, bf16, D=64/128, T=1k/4k/16k with B*T=16k tokens and Hq*D=2048, dense "
                          "and causal, fwd and fwd+bwd; time-boxed to 100 s (a full sweep took 200 s on an H100)"),
             seqlens=(KI, 4 * KI, 16 * KI), headdims=(64, 128), dtypes=("bf16",),
             causal=(False, True), modes=("fwd", "fwd+bwd"), tokens=FA_BENCH_TOKENS, model_dim=FA_BENCH_MODEL_DIM,
-            timing=TimingConfig(cuda_warmup_ms=10.0, cuda_rep_ms=50.0), time_budget_s=100.0,
+            timing=GPU_TIMING, time_budget_s=100.0,
         ),
         Sweep(
             name="h100-ops",
@@ -172,7 +232,28 @@ PRESETS: dict[str, Sweep] = {
             modes=("fwd", "fwd+bwd"), tokens=FA_BENCH_TOKENS, model_dim=FA_BENCH_MODEL_DIM // 2,
             ops=("pooled", "sparse", "funnel", "predict"), strides=(2, 4),
             patterns=("random", "sliding", "documents", "bigbird"), sparsities=(0.5, 0.9, 0.97), block=64,
-            timing=TimingConfig(cuda_warmup_ms=10.0, cuda_rep_ms=50.0), time_budget_s=150.0,
+            timing=GPU_TIMING, time_budget_s=150.0,
+        ),
+        Sweep(
+            name="h100-sparse",
+            description=("GPU block-sparse sweep against density: B=4, H=16, T=4k and 16k, D=64 and 128, bf16, "
+                         "blocks of 64, random masks keeping 1 to 1/20 of the blocks and the structured ones, next "
+                         "to dense attention; time-boxed to 90 s"),
+            seqlens=(4 * KI, 16 * KI), headdims=(64, 128), dtypes=("bf16",), causal=(False,),
+            modes=("fwd", "fwd+bwd"), batch=(4,), heads=(16,), ops=("attention", "sparse"), patterns=PATTERNS,
+            sparsities=DENSITY_SPARSITIES, block=64, timing=GPU_TIMING, time_budget_s=90.0,
+        ),
+        Sweep(
+            name="h100-funnel",
+            description=("GPU Funnel sweep: pooled attention (stride 2) with B*T=8k tokens, H=16, T=1k/4k/16k, "
+                         "D=64/128, and the Funnel layer (d_model 768, 12 heads, both attention types) with "
+                         "B*T=4k tokens at T=512 and 2k; bf16, fwd and fwd+bwd; time-boxed to 90 s"),
+            seqlens=(KI, 4 * KI, 16 * KI), headdims=(64, 128), dtypes=("bf16",), causal=(False,),
+            modes=("fwd", "fwd+bwd"), tokens=8 * KI, heads=(16,), ops=("pooled",), strides=(FUNNEL_STRIDE,),
+            timing=GPU_TIMING, time_budget_s=90.0,
+            parts=(Sweep(seqlens=(KI // 2, 2 * KI), headdims=(64,), dtypes=("bf16",), causal=(False,),
+                         modes=("fwd", "fwd+bwd"), tokens=4 * KI, heads=(12,), ops=("funnel",),
+                         funnel_types=FUNNEL_TYPES),),
         ),
     )
 }
@@ -186,7 +267,7 @@ def _variants(sweep: Sweep, op: str) -> list[dict]:
     if op == "pooled":
         return [dict(stride=s) for s in sweep.strides]
     if op == "funnel":
-        return [dict(stride=FUNNEL_STRIDE)]
+        return [dict(stride=FUNNEL_STRIDE, pattern=t) for t in sweep.funnel_types]
     if op == "sparse":
         return [dict(pattern=p, sparsity=s if p == "random" else 0.0, block=sweep.block)
                 for p in sweep.patterns for s in (sweep.sparsities if p == "random" else (0.0,))]
@@ -196,12 +277,13 @@ def _variants(sweep: Sweep, op: str) -> list[dict]:
 
 
 def expand(sweep: Sweep, device: str) -> list[Case]:
-    """All cases of ``sweep`` on ``device``, the modes of one problem next to each other.
+    """All cases of ``sweep`` and then of its parts on ``device``, the modes of one problem next to each other,
+    each case once.
 
-    Order: op, dtype, head dim, the op's own axes (causal and GQA; stride; pattern and sparsity),
-    heads, sequence length, batch, mode. Only ``attention`` has GQA and causal cases; ``predict`` is
-    forward only (no case when the sweep's modes have no ``fwd``). Raises ValueError when a head count
-    is not a multiple of a GQA group size.
+    Order within a sweep: op, dtype, head dim, the op's own axes (causal and GQA; stride; pattern and
+    sparsity; Funnel attention type), heads, sequence length, batch, mode. Only ``attention`` has GQA
+    and causal cases; ``predict`` is forward only (no case when the sweep's modes have no ``fwd``).
+    Raises ValueError when a head count is not a multiple of a GQA group size.
     """
     cases = []
     for op in sweep.ops:
@@ -220,4 +302,6 @@ def expand(sweep: Sweep, device: str) -> list[Case]:
                                                       seqlen_q=seqlen, seqlen_k=seqlen, headdim=headdim,
                                                       dtype=dtype, mode=mode, device=device, op=op,
                                                       **{"causal": False, **variant}))
-    return cases
+    for part in sweep.parts:
+        cases += expand(part, device)
+    return list(dict.fromkeys(cases))

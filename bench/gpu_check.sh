@@ -6,26 +6,28 @@
 # 1. nvidia-smi and the versions of python, torch, CUDA, triton;
 # 2. "tests": the test suite on CUDA (EFFATTN_TEST_DEVICE=cuda), time-boxed, logged to $OUT/tests_cuda.log;
 # 3. "flash": the h100 preset of `python -m bench` on CUDA, time-boxed, its files written to $OUT;
-# 4. "funnel": `python -m bench.bench_funnel` (pooled-query attention, Funnel layers), time-boxed;
-# 5. "sparse": `python -m bench.bench_sparse` (block-sparse attention vs density), time-boxed;
+# 4. "funnel": the h100-funnel preset of `python -m bench` (pooled-query attention, pooled in the kernel or
+#    first; the Funnel layer of both attention types against Hugging Face's), time-boxed, files funnel.*;
+# 5. "sparse": the h100-sparse preset of `python -m bench` (block-sparse attention against the kept share,
+#    next to dense attention, and the masks' build times), time-boxed, files sparse.*;
 # 6. "ops": the h100-ops preset of `python -m bench` (pooled, sparse, Funnel layer, mask prediction),
 #    time-boxed, files ops.json, ops.md, ops_sparse.png;
 # 7. "cuda": the C++/CUDA extension: its build (sm_90 only unless EFFATTN_CUDA_ARCHS says otherwise),
 #    its tests on the GPU and compute-sanitizer over a few of them, logged to $OUT/tests_cuda_ext.log.
 # GPU_CHECK_PARTS (default "tests flash funnel sparse") picks the steps; they do not all fit one
-# 10-minute call: split them, e.g. "cuda tests" then "flash ops" (funnel and sparse: the older
-# dedicated benchmarks, mostly covered by ops).
+# 10-minute call: split them, e.g. "cuda tests" then "flash ops" (funnel and sparse: the sweeps of
+# those ops in depth; ops covers them more thinly).
 #
 # Uses the machine's own python, torch and triton (PYTHON overrides the interpreter); installs
 # nothing and needs no network. Output directory: $OUT, or bench/results when OUT is unset. It holds
 # at most 8 files per call (the device tool's limit): tests_cuda.log, tests_cuda_ext.log;
 # attention.json, attention.md, attention_tflops.png, attention_roofline.png; ops.json, ops.md,
-# ops_sparse.png; funnel.json, funnel.md; sparse.json, sparse.md.
+# ops_sparse.png; funnel.json, funnel.md; sparse.json, sparse.md (plots of those two made from the JSON).
 #
 # Time: tests at most TEST_TIMEOUT_S; the flash benchmark stops starting new rows after the preset's
-# budget and is interrupted (SIGINT: it still writes its files) at BENCH_TIMEOUT_S; the Funnel
-# benchmark is stopped at FUNNEL_TIMEOUT_S. Exit status: 0 when the tests pass and no benchmark
-# found a wrong output.
+# budget and is interrupted (SIGINT: it still writes its files) at BENCH_TIMEOUT_S, and likewise the
+# others at FUNNEL_TIMEOUT_S, SPARSE_TIMEOUT_S, OPS_TIMEOUT_S. Exit status: 0 when the tests pass and
+# no benchmark found a wrong output of effattn's.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -98,17 +100,20 @@ fi
 
 if [[ " $PARTS " == *" funnel "* ]]; then
     echo "== Funnel benchmark (at most ${FUNNEL_TIMEOUT_S} s)"
-    timeout -k "$KILL_AFTER_S" "$FUNNEL_TIMEOUT_S" "$PYTHON" -m bench.bench_funnel --preset h100 --device cuda \
-        --out "$OUT_DIR"
+    timeout -s INT -k "$KILL_AFTER_S" "$FUNNEL_TIMEOUT_S" \
+        "$PYTHON" -m bench --preset h100-funnel --device cuda --out "$OUT_DIR" --stem funnel --no-plots \
+        --providers naive sdpa flex effattn effattn-prepool
     funnel_rc=$?
+    rm -f "$OUT_DIR/funnel.csv" "$OUT_DIR/funnel_summary.md"  # 8 files at most (funnel.md holds the summary)
 fi
 
 if [[ " $PARTS " == *" sparse "* ]]; then
     echo "== block-sparse benchmark (at most ${SPARSE_TIMEOUT_S} s)"
-    timeout -k "$KILL_AFTER_S" "$SPARSE_TIMEOUT_S" "$PYTHON" -m bench.bench_sparse --preset h100 --device cuda \
-        --out "$OUT_DIR"
+    timeout -s INT -k "$KILL_AFTER_S" "$SPARSE_TIMEOUT_S" \
+        "$PYTHON" -m bench --preset h100-sparse --device cuda --out "$OUT_DIR" --stem sparse --no-plots \
+        --providers sdpa flex effattn
     sparse_rc=$?
-    rm -f "$OUT_DIR/sparse_density.png"  # 8 files at most; the JSON holds the curve
+    rm -f "$OUT_DIR/sparse.csv" "$OUT_DIR/sparse_summary.md"  # 8 files at most; the JSON holds the curves
 fi
 
 if [[ " $PARTS " == *" ops "* ]]; then

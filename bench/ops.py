@@ -6,6 +6,8 @@ One :class:`Op` per name of :data:`bench.cases.OPS`. An op says:
   the backward modes push through the output (``None``: forward only);
 * :meth:`Op.context`: what every provider of one problem shares and that is not a random input: the
   :class:`effattn.BlockMask` of a sparse case, the Funnel layer's weights (deterministic, seeded);
+* :meth:`Op.context_ms`: the time to build that context when a step would pay for it (a sparse
+  case's mask: reported beside the attention's time);
 * :meth:`Op.cost`: FLOPs and minimal bytes (:class:`effattn.profile.AttentionCost` conventions:
   FlashAttention's FLOP count of the pairs the op must compute, the inputs read and outputs
   written once), by mode;
@@ -13,7 +15,7 @@ One :class:`Op` per name of :data:`bench.cases.OPS`. An op says:
   float64 (float32 for half-precision inputs on CUDA) with effattn's reference or, for the Funnel
   layer, Hugging Face's layer in that precision.
 
-Counting, per op (``bench.flops`` for the FLOP convention):
+Counting, per op (:mod:`effattn.profile` for the FLOP convention):
 
 * ``attention``: the visible pairs (causal: exact, bottom-right).
 * ``pooled``: ``Tp * T`` pairs of the ``Tp`` pooled queries; q is read at full length.
@@ -38,10 +40,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.cases import Case
+from bench.cases import FUNNEL_TYPES, PATTERNS, Case
 
 # Seed of a problem's deterministic context (masks, layer weights): the same for every provider and run.
 CONTEXT_SEED = 0
+# Packed documents per sequence of a sparse ``documents`` case.
+N_DOCUMENTS = 8
 # Funnel layer: feed-forward width, the share of the last sequence that is padding, token types.
 FUNNEL_INNER_MULTIPLE = 4
 FUNNEL_PAD_FRACTION = 4  # the last quarter of the last sequence is padding
@@ -52,7 +56,6 @@ SPARSEFINDER_CLUSTERS = 16
 GATE_DIM = 32
 # Linear layers: backward FLOPs (input and weight gradients) over forward FLOPs.
 LINEAR_BWD_FACTOR = 2
-ATTENTION_BWD_FACTOR = 2.5
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,10 @@ class Op(abc.ABC):
         return case.seqlen_q
 
     def context(self, case: Case) -> object:
+        return None
+
+    def context_ms(self, case: Case, timing) -> float | None:
+        """Time to build the context of ``case`` when that is part of the op's cost (sparse: the mask), else None."""
         return None
 
     @abc.abstractmethod
@@ -188,26 +195,51 @@ class PooledOp(Op):
         return ref
 
 
+def _documents(batch: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+    """Segment ids ``(B, T)`` of :data:`N_DOCUMENTS` packed documents of random lengths per sequence."""
+    cuts = torch.stack([torch.randperm(seqlen - 1, generator=generator)[:N_DOCUMENTS - 1].sort().values + 1
+                        for _ in range(batch)])
+    ids = torch.zeros(batch, seqlen, dtype=torch.int32)
+    ids.scatter_add_(1, cuts.long(), torch.ones_like(cuts, dtype=torch.int32))
+    return ids.cumsum(1, dtype=torch.int32)
+
+
+def mask_builder(case: Case):
+    """A function of no argument that builds the :class:`effattn.BlockMask` of a sparse case, the same one
+    at every call (seeded with :data:`CONTEXT_SEED`); what it does is what a sparse step pays for its mask.
+
+    * ``random``: per head (one draw shared over the batch), ``max(1, round((1 - sparsity) * nKb))`` FULL kv
+      blocks of every query-block row, the diagonal's among them (``BlockMask.random`` with ``per_row``:
+      the top-k of random block scores, as a learned block predictor would keep);
+    * ``causal``; ``sliding``: a causal window of ``T/8`` tokens; ``documents``: :data:`N_DOCUMENTS` packed
+      documents of random lengths per sequence (``from_segments``); ``bigbird``: a window of one block each
+      side, two blocks of global tokens and three random blocks per row, per head.
+    """
+    from effattn import BlockMask
+
+    T, block, device = case.seqlen_q, (case.block, case.block), case.device
+    if case.pattern == "random":
+        return lambda: BlockMask.random(T, T, 1.0 - case.sparsity, block, heads=case.heads_q, per_row=True,
+                                        keep_diagonal=True, generator=torch.Generator().manual_seed(CONTEXT_SEED),
+                                        device=device)
+    if case.pattern == "causal":
+        return lambda: BlockMask.causal(T, T, block, device=device)
+    if case.pattern == "sliding":
+        return lambda: BlockMask.sliding_window(T, T, T // 8, 0, block, device=device)
+    if case.pattern == "bigbird":
+        return lambda: BlockMask.bigbird(T, T, case.block, 2 * case.block, 3, block,
+                                         torch.Generator().manual_seed(CONTEXT_SEED), heads=case.heads_q,
+                                         device=device)
+    if case.pattern == "documents":
+        segments = _documents(case.batch, T, torch.Generator().manual_seed(CONTEXT_SEED)).to(device)
+        return lambda: BlockMask.from_segments(segments, block_size=block)
+    raise ValueError(f"sparse pattern must be one of {', '.join(PATTERNS)}; got {case.pattern!r}")
+
+
 @functools.lru_cache(maxsize=8)
 def sparse_mask(case: Case):
-    """The :class:`effattn.BlockMask` of a sparse case (``case.problem``), deterministic (seed :data:`CONTEXT_SEED`).
-
-    ``random``: per head, ``max(1, round((1 - sparsity) * nKb))`` kv blocks of every query-block row
-    kept (the diagonal's among them), all FULL; the structured patterns as in
-    :func:`bench.bench_sparse.structured_masks` (``sliding``: a causal window of ``T/8`` tokens).
-    """
-    from bench.bench_sparse import random_mask, structured_masks
-
-    block = (case.block, case.block)
-    T = case.seqlen_q
-    if case.pattern == "random":
-        gen = torch.Generator().manual_seed(CONTEXT_SEED)
-        return random_mask(case.heads_q, T, block, 1.0 - case.sparsity, gen, case.device)
-    builders = structured_masks(case.batch, case.heads_q, T, block, case.device)
-    name = {"sliding": "sliding T/8"}.get(case.pattern, case.pattern)
-    if name not in builders:
-        raise ValueError(f"sparse pattern must be one of random, {', '.join(builders)}; got {case.pattern!r}")
-    return builders[name]()
+    """The :class:`effattn.BlockMask` of a sparse case (``case.problem``): :func:`mask_builder`'s."""
+    return mask_builder(case)()
 
 
 def kept_fraction(block_mask) -> float:
@@ -222,15 +254,20 @@ class SparseOp(Op):
     def context(self, case):
         return sparse_mask(case.problem)
 
+    def context_ms(self, case, timing):
+        from bench import harness
+
+        return harness.time_ms(mask_builder(case.problem), case.device, timing)
+
     def cost(self, case, context):
-        from effattn.block_mask import _LIST_NAMES
-        from effattn.profile import kept_pairs
+        from effattn.profile import attention_cost, kept_pairs
 
         pairs = int(kept_pairs(context).expand(case.batch, case.heads_q).sum())
         base = _attention_cost(case, 0, case.seqlen_q)
-        lists = sum(getattr(context, name).nbytes for name in _LIST_NAMES)
-        D = case.headdim
-        return Cost(fwd_flops=2 * pairs * 2 * D, bwd_flops=2 * pairs * 5 * D,
+        lists = sum(t.nbytes for t in context.as_tuple()[0] if t is not None)  # block lists, segment ids
+        # the pairs differ from head to head: their sum, counted as the pairs of one (batch, head)
+        work = attention_cost(1, 1, 1, case.seqlen_q, case.seqlen_k, case.headdim, case.headdim, pairs)
+        return Cost(fwd_flops=work.fwd_flops, bwd_flops=work.bwd_flops,
                     fwd_bytes=base.fwd_bytes + lists, bwd_bytes=base.bwd_bytes + lists)
 
     def reference(self, case, args, dout, context, ref):
@@ -259,7 +296,9 @@ class FunnelContext:
     token_type_ids: torch.Tensor
 
     def call(self, fused: bool):
-        """``x (B, T, d_model) -> (B, Tp, d_model)``: the pooling layer's attention, Hugging Face's or fused."""
+        """``x (B, T, d_model) -> (B, Tp, d_model)``: the pooling layer's attention, Hugging Face's or fused.
+
+        Its ``params`` are the layer's weights: a backward computes their gradients too (a training step)."""
         layer, structure = (self.fused, self.fused_structure) if fused else (self.layer, self.structure)
         mask, types = self.attention_mask, self.token_type_ids
 
@@ -269,11 +308,12 @@ class FunnelContext:
             (out,) = layer(pooled, x, x, inputs)
             return out
 
+        forward.params = tuple(layer.parameters())
         return forward
 
 
 def funnel_layers(d_model: int, n_head: int, d_head: int, device, dtype,
-                  attention_type: str = "relative_shift") -> tuple:
+                  attention_type: str = FUNNEL_TYPES[0]) -> tuple:
     """``(layer, structure, fused layer, fused structure)``: Hugging Face's Funnel attention (block 1: the
     first pooling layer; weights seeded, the same for both attention types) and effattn's patched copies."""
     from transformers import FunnelConfig
@@ -321,18 +361,19 @@ class FunnelOp(Op):
         types = torch.zeros(B, T, device=case.device, dtype=torch.long)
         types[:, 0] = 2  # [cls]
         types[:, T // 2:] = 1
-        layers = funnel_layers(self.d_model(case), case.heads_q, case.headdim, case.device, dtype)
+        layers = funnel_layers(self.d_model(case), case.heads_q, case.headdim, case.device, dtype,
+                               attention_type=case.pattern or FUNNEL_TYPES[0])
         return FunnelContext(*layers, attention_mask=mask, token_type_ids=types)
 
     def cost(self, case, context):
-        B, T, d, D = case.batch, case.seqlen_q, self.d_model(case), case.headdim
+        B, T, d = case.batch, case.seqlen_q, self.d_model(case)
         tp = self.out_len(case)
         linear = 2 * B * d * d * (2 * tp + 2 * T)  # q and output projections on Tp rows, k and v on T rows
-        attention = 4 * B * case.heads_q * tp * T * D
+        attention = _attention_cost(case, tp * T, tp)
         weights = 4 * d * d * case.torch_dtype.itemsize
         activations = B * (T + tp) * d * case.torch_dtype.itemsize
-        return Cost(fwd_flops=linear + attention,
-                    bwd_flops=int(LINEAR_BWD_FACTOR * linear + ATTENTION_BWD_FACTOR * attention),
+        return Cost(fwd_flops=linear + attention.fwd_flops,
+                    bwd_flops=LINEAR_BWD_FACTOR * linear + attention.bwd_flops,
                     fwd_bytes=weights + activations, bwd_bytes=2 * (weights + activations))
 
     def reference(self, case, args, dout, context, ref):

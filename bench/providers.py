@@ -12,12 +12,13 @@ place of a time. A provider may also raise :class:`NotSupportedError` (or effatt
 What each provider does per op:
 
 * ``naive``: materialises the ``(B, H, Tq, Tk)`` scores (pooled: pools q first; sparse: the mask
-  expanded to elements; funnel: Hugging Face's eager Funnel layer; predict: the oracle, the top
-  blocks of the true attention's block-max map).
+  expanded to elements; funnel: Hugging Face's eager Funnel layer of the case's attention type;
+  predict: the oracle, the top blocks of the true attention's block-max map).
 * ``sdpa*``, ``flex``: pooled: q pooled in PyTorch first; sparse: SDPA with the expanded boolean mask,
   FlexAttention with the same mask converted (``BlockMask.to_flex``).
 * ``effattn*``: ``flash_attention``, ``pooled_attention`` (pooling inside the kernel),
-  ``sparse_attention``, the fused Funnel layer (``effattn.integrations.funnel``).
+  ``sparse_attention``, the fused Funnel layer (``effattn.integrations.funnel``);
+  ``effattn-prepool``: pooled with q pooled in PyTorch first, then ``flash_attention``.
 * ``gate``, ``sparsefinder``: ``effattn.sparsity``'s predictors (untrained weights, seeded: the cost of
   a prediction does not depend on training).
 
@@ -343,8 +344,8 @@ class EffattnProvider(Provider):
     def __init__(self, backend: str | None = None):
         self.backend = backend
         self.name = "effattn" if backend is None else f"effattn-{backend}"
-        self.description = ("effattn, automatic backend (CUDA: triton, CPU: reference)" if backend is None
-                            else f"effattn with backend={backend!r}")
+        self.description = ("effattn, automatic backend (the first of effattn.backends.AUTO_ORDER that runs the "
+                            "case)" if backend is None else f"effattn with backend={backend!r}")
         # The fused Funnel layer picks its backend itself (the automatic one).
         self.ops = ("attention", "pooled", "sparse") + (("funnel",) if backend is None else ())
 
@@ -386,6 +387,25 @@ class EffattnProvider(Provider):
         if case.op == "sparse":
             return lambda q, k, v: effattn.sparse_attention(q, k, v, context, scale=scale, backend=self.backend)
         return functools.partial(effattn.flash_attention, causal=case.causal, scale=scale, backend=self.backend)
+
+
+class EffattnPrepoolProvider(Provider):
+    """Pooled attention the way it is done without a pooling kernel: q pooled in PyTorch, then effattn's flash."""
+
+    name = "effattn-prepool"
+    description = ("pooled: q pooled in PyTorch, then effattn.flash_attention (automatic backend): what pooling "
+                   "inside the kernel saves")
+    ops = ("pooled",)
+
+    def not_supported_reasons(self, case, requested=False):
+        return _import_reasons("effattn")
+
+    def build(self, case, context=None, sample=None):
+        import effattn
+
+        pool = _pool_q(case)
+        scale = 1.0 / math.sqrt(case.headdim)
+        return lambda q, k, v: effattn.flash_attention(pool(q), k, v, scale=scale)
 
 
 class PredictorProvider(Provider):
@@ -448,6 +468,7 @@ PROVIDERS: dict[str, Provider] = {
         EffattnProvider("triton"),
         EffattnProvider("cuda"),
         EffattnProvider("cpp"),
+        EffattnPrepoolProvider(),
         PredictorProvider("gate"),
         PredictorProvider("sparsefinder"),
     )

@@ -4,11 +4,12 @@ Files, under the output directory, all named ``<stem>.*`` (stem ``attention``):
 
 * ``<stem>.json``: ``{"metadata": {...}, "rows": [...]}``, every field of every row.
 * ``<stem>.csv``: one line per row, each tagged with :data:`bench.metadata.ROW_TAGS`.
-* ``<stem>.md``: the metadata, the summary and the table; ``<stem>_summary.md``: the summary alone.
+* ``<stem>.md``: the metadata, the summary, the table and, with sparse rows, their times against
+  dense attention and their masks' build times; ``<stem>_summary.md``: the summary alone.
 * ``<stem>_time.png``, ``<stem>_tflops.png``, ``<stem>_memory.png``: time, TFLOP/s and peak memory
   against sequence length, one line per provider, one panel per (op, mode, dtype, causal, shape).
-* ``<stem>_sparse.png``: sparse time against the share of mask blocks kept, per provider (when a
-  sweep has sparse cases of several densities).
+* ``<stem>_sparse.png``: sparse time against the share of mask blocks kept, per provider, with
+  the dense attention of the same shape (when a sweep has sparse cases of several densities).
 * ``<stem>_roofline.png``: every timed row on the roofline of the device's measured matmul and copy
   ceilings (when they were measured).
 
@@ -251,6 +252,8 @@ def format_markdown(rows: Sequence[Row], meta: dict) -> str:
         out.append("| " + " | ".join(v.replace("|", "\\|") for v in values) + " |")
     if not_run:
         out += ["", "Not run:", ""] + [f"- {line}" for line in not_run]
+    sparse = format_sparse_markdown(rows)
+    out += ["", sparse.rstrip("\n")] if sparse else []
     return "\n".join(out) + "\n"
 
 
@@ -378,8 +381,20 @@ def write_plots(out_dir: Path, rows: Sequence[Row], stem: str = STEM) -> tuple[l
     return paths, None
 
 
+def _shape_key(r: Row) -> tuple:
+    return (r.mode, r.dtype, r.batch, r.heads_q, r.seqlen_q, r.headdim)
+
+
+def dense_rows(rows: Sequence[Row]) -> dict[tuple, Row]:
+    """Successful dense attention rows (not causal, no GQA), by (provider, mode, dtype, B, H, T, D): what a
+    sparse row of the same shape is set against."""
+    return {(r.provider, *_shape_key(r)): r for r in rows
+            if r.status == STATUS_OK and r.op == "attention" and not r.causal and r.heads_q == r.heads_kv}
+
+
 def _sparse_panels(rows: Sequence[Row]) -> dict[str, list[Row]]:
-    """Successful sparse rows of random masks, one panel per (mode, dtype, shape, block); x is the kept share."""
+    """Successful sparse rows, one panel per (mode, dtype, shape, block) with masks of several kept shares;
+    x is the kept share."""
     panels: dict[str, list[Row]] = {}
     for r in rows:
         if r.status == STATUS_OK and r.op == "sparse" and r.kept is not None:
@@ -390,24 +405,72 @@ def _sparse_panels(rows: Sequence[Row]) -> dict[str, list[Row]]:
 
 
 def write_sparse_plot(out_dir: Path, rows: Sequence[Row], stem: str = STEM) -> Path | None:
-    """``<stem>_sparse.png``: time against the share of blocks kept, per provider (None without sparse rows)."""
+    """``<stem>_sparse.png``: time against the share of blocks kept, per provider: random masks as lines,
+    structured ones as labelled squares, the provider's dense attention of the same shape (when the sweep
+    has it) as a dashed line. None without such sparse rows."""
     import matplotlib.pyplot as plt
 
     panels = _sparse_panels(rows)
     if not panels:
         return None
+    dense = dense_rows(rows)
     providers = list(dict.fromkeys(r.provider for group in panels.values() for r in group))
     colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
     fig, axes = panel_grid(len(panels))
     for ax, (title, group) in zip(axes.flat, panels.items()):
         for provider in providers:
-            points = sorted((r.kept, r.ms) for r in group if r.provider == provider)
+            mine = [r for r in group if r.provider == provider]
+            points = sorted((r.kept, r.ms) for r in mine if r.pattern == "random")
             if points:
-                ax.plot(*zip(*points), "o-", color=colors[provider], label=provider, markersize=3)
+                ax.plot(*zip(*points), "o-", color=colors[provider], markersize=3)
+            for r in mine:
+                if r.pattern != "random":
+                    ax.plot(r.kept, r.ms, "s", color=colors[provider], markersize=4, fillstyle="none")
+                    ax.annotate(r.pattern, (r.kept, r.ms), fontsize=5, xytext=(2, 2), textcoords="offset points")
+            if mine and (provider, *_shape_key(mine[0])) in dense:
+                ax.axhline(dense[(provider, *_shape_key(mine[0]))].ms, color=colors[provider], linestyle="--",
+                           linewidth=1)
+        ax.set_xscale("log")
         ax.set_yscale("log")
-        style_axis(ax, title, "share of blocks kept (random and structured masks)", "median time (ms)")
+        style_axis(ax, title, "share of blocks kept", "median time (ms)")
     handles = [plt.Line2D([], [], color=colors[p], marker="o", label=p) for p in providers]
+    handles += [plt.Line2D([], [], color="gray", marker="s", fillstyle="none", linestyle="", label="structured"),
+                plt.Line2D([], [], color="gray", linestyle="--", label="dense attention")]
     return save_grid(fig, axes, len(panels), handles, out_dir / f"{stem}_sparse.png")
+
+
+SPARSE_HEADERS = ("provider", "op", "mode", "dtype", "B", "H", "T", "D", "kept", "ms", "dense ms", "vs dense",
+                  "mask build ms", "build / attention")
+SPARSE_NOTE = ("Every sparse row that ran: `dense ms` is the same provider's dense attention of the same shape "
+               "and mode in this run (no mask; blank where the sweep has none), `vs dense` its time over the "
+               "row's (> 1: the mask saves time); `mask build ms` is the time to build the row's BlockMask "
+               "(once per problem, as a step builds it), `build / attention` its share of the row's time.")
+
+
+def sparse_lines(rows: Sequence[Row]) -> list[list[str]]:
+    """One line per successful sparse row: kept share, time, dense time and ratio, mask build time and share."""
+    dense = dense_rows(rows)
+    lines = []
+    for r in rows:
+        if r.status != STATUS_OK or r.op != "sparse":
+            continue
+        d = dense.get((r.provider, *_shape_key(r)))
+        lines.append([r.provider, r.case().op_label(), r.mode, r.dtype, str(r.batch), str(r.heads_q),
+                      str(r.seqlen_q), str(r.headdim), "-" if r.kept is None else f"{r.kept:.0%}", _sig(r.ms),
+                      "-" if d is None else _sig(d.ms), "-" if d is None else f"{_sig(d.ms / r.ms)}x",
+                      _sig(r.mask_ms), "-" if r.mask_ms is None else f"{r.mask_ms / r.ms:.1%}"])
+    return lines
+
+
+def format_sparse_markdown(rows: Sequence[Row]) -> str:
+    """The section on sparse rows (:func:`sparse_lines`) as markdown, or "" when no sparse row ran."""
+    lines = sparse_lines(rows)
+    if not lines:
+        return ""
+    out = ["## Sparse: against dense attention, and the mask's build cost", "", SPARSE_NOTE, "",
+           "| " + " | ".join(SPARSE_HEADERS) + " |", "|" + "|".join("---" if i < 4 else "---:"
+                                                               for i in range(len(SPARSE_HEADERS))) + "|"]
+    return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines]) + "\n"
 
 
 def write_roofline(out_dir: Path, rows: Sequence[Row], ceilings, stem: str = STEM) -> Path | None:

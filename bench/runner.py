@@ -26,7 +26,7 @@ from bench.cases import Case
 from bench.flops import tflops_per_s
 from bench.ops import OPS, Cost, Reference
 from bench.providers import BASELINE, PROVIDERS, AttentionFn, unsupported_errors
-from bench.validate import Inputs, check, compute_reference, provider_outputs
+from bench.validate import Inputs, check, compute_reference, grad_targets, provider_outputs
 
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
@@ -74,6 +74,7 @@ class Row:
     tflops: float | None = None
     gbps: float | None = None
     kept: float | None = None
+    mask_ms: float | None = None
     peak_mib: float | None = None
     rel_err: float | None = None
     speedup_naive: float | None = None
@@ -158,7 +159,8 @@ def timed_call(case: Case, fn: AttentionFn, sets: Sequence[Inputs]) -> Callable[
     """The function to time: one call of ``case.mode``, on the next input set each time.
 
     ``fwd`` gets inputs that need no gradient (and runs under ``no_grad``: the caller's job); ``bwd``
-    runs every set's forward here, once, and times ``autograd.grad`` on the kept graph.
+    runs every set's forward here, once, and times ``autograd.grad`` on the kept graph. A backward
+    differentiates the args and the provider's weights, if it has any (:func:`bench.validate.grad_targets`).
     """
     if case.mode == "fwd":
         nxt = itertools.cycle([s.args_inference for s in sets]).__next__
@@ -168,7 +170,7 @@ def timed_call(case: Case, fn: AttentionFn, sets: Sequence[Inputs]) -> Callable[
 
         def backward():
             out, s = graphs()
-            return torch.autograd.grad(out, s.args, s.dout, retain_graph=True)
+            return torch.autograd.grad(out, grad_targets(fn, s.args), s.dout, retain_graph=True)
 
         return backward
 
@@ -176,7 +178,7 @@ def timed_call(case: Case, fn: AttentionFn, sets: Sequence[Inputs]) -> Callable[
 
     def forward_backward():
         s = nxt()
-        return torch.autograd.grad(fn(*s.args), s.args, s.dout)
+        return torch.autograd.grad(fn(*s.args), grad_targets(fn, s.args), s.dout)
 
     return forward_backward
 
@@ -206,13 +208,19 @@ class _Problem:
         self.case, self.seed = case, seed
         self.sets: list[Inputs] | None = None
         self.ref: Reference | None = None
-        self._context = self._cost = None
-        self._has_context = False
+        self._context = self._cost = self._context_ms = None
+        self._has_context = self._has_context_ms = False
 
     def context(self) -> object:
         if not self._has_context:
             self._context, self._has_context = OPS[self.case.op].context(self.case), True
         return self._context
+
+    def context_ms(self, timing: harness.TimingConfig) -> float | None:
+        """Time to build the context, measured once per problem (None where the op has nothing to build)."""
+        if not self._has_context_ms:
+            self._context_ms, self._has_context_ms = OPS[self.case.op].context_ms(self.case, timing), True
+        return self._context_ms
 
     def cost(self) -> Cost:
         if self._cost is None:
@@ -269,6 +277,7 @@ def run_one(case: Case, provider_name: str, problem: _Problem, timing: harness.T
         row.tflops = tflops_per_s(row.flops, row.ms) if row.flops else None
         row.gbps = row.bytes / (row.ms * 1e-3) / 1e9 if row.bytes else None
         row.peak_mib = None if peak is None else peak / harness.MIB
+        row.mask_ms = problem.context_ms(timing)
     except unsupported_errors() as e:
         row.status, row.reason = STATUS_SKIPPED, str(e).replace("\n", " ")[:MAX_REASON_CHARS]
     except Exception as e:

@@ -24,7 +24,7 @@ from bench.ops import OPS, Reference, reference_dtype
 # Largest share of predicted blocks allowed to differ from the reference-precision prediction.
 PREDICT_MISMATCH = {torch.float32: 0.01, torch.float16: 0.05, torch.bfloat16: 0.05}
 
-__all__ = ["Inputs", "Reference", "check", "compute_reference", "provider_outputs", "reference_dtype"]
+__all__ = ["Inputs", "Reference", "check", "compute_reference", "grad_targets", "provider_outputs", "reference_dtype"]
 
 
 @dataclass
@@ -99,6 +99,12 @@ def kept_block_grid(block_mask) -> torch.Tensor:
     return block_mask.block_kinds() != NONE
 
 
+def grad_targets(fn, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """What a backward differentiates: the op's ``args`` and then ``fn.params``, where ``fn`` has weights
+    (the Funnel layer's: a training step computes their gradients too)."""
+    return tuple(args) + tuple(getattr(fn, "params", ()))
+
+
 def provider_outputs(case: Case, fn, inputs: Inputs) -> dict[str, torch.Tensor]:
     """Run ``fn`` on ``inputs`` as ``case.mode`` needs: the output and, for backward modes, the gradients.
 
@@ -117,5 +123,5 @@ def provider_outputs(case: Case, fn, inputs: Inputs) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return {"out": fn(*inputs.args_inference)}
     out = fn(*inputs.args)
-    grads = torch.autograd.grad(out, inputs.args, inputs.dout)
-    return {"out": out.detach(), **dict(zip(OPS[case.op].grad_names, grads))}
+    grads = torch.autograd.grad(out, grad_targets(fn, inputs.args), inputs.dout)
+    return {"out": out.detach(), **dict(zip(OPS[case.op].grad_names, grads))}  # the args' gradients

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -46,9 +47,14 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m effattn.info (effattn-info)",
+                                     description="Print effattn's and torch's versions, the devices, and which "
+                                                 "attention backends can run here (and why not).")
+    parser.parse_args(argv)
     print(report())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench import bench_attention
-from bench.cases import OP_NAMES, PRESETS, expand
+from bench.cases import OP_NAMES, PRESETS, Case, expand
 from bench.flops import attention_flops, visible_pairs
 from bench.ops import OPS
 from bench.providers import PROVIDERS, NotSupportedError, Provider
@@ -304,12 +304,64 @@ def test_micro_benchmark_suite_runs(tmp_path):
     assert all(b["extra_info"]["flops"] > 0 for b in doc["benchmarks"])
 
 
-def test_console_script_entry_point(tmp_path, monkeypatch, capsys):
-    from effattn import bench_cli
+# ----------------------------------------------------------------------------------------------
+# presets
+# ----------------------------------------------------------------------------------------------
+def test_quick_preset_has_the_cpu_backend_rows():
+    """fp32, B=1, H=8, D=64, T=1k and 2k, fwd and fwd+bwd: dense and causal attention, pooled stride 2, sparse
+    at 50 and 90 % of 64x64 blocks cut; dense fp16 and bf16 rows; effattn and effattn-cpp beside torch SDPA."""
+    cases = expand(PRESETS["quick"], "cpu")
+    assert len(cases) == len(set(cases))
+    shape = dict(batch=1, heads_q=8, heads_kv=8, headdim=64, device="cpu")
+    wanted = [Case(seqlen_q=t, seqlen_k=t, dtype="fp32", mode=m, **shape, **variant)
+              for t in (1024, 2048) for m in ("fwd", "fwd+bwd")
+              for variant in (dict(causal=False), dict(causal=True), dict(causal=False, op="pooled", stride=2),
+                              *(dict(causal=False, op="sparse", pattern="random", sparsity=s, block=64)
+                                for s in (0.5, 0.9)))]
+    wanted += [Case(seqlen_q=1024, seqlen_k=1024, dtype=dt, mode="fwd", causal=False, **shape)
+               for dt in ("fp16", "bf16")]
+    missing = [c.label() for c in wanted if c not in cases]
+    assert not missing, missing
+    assert {c.dtype for c in cases} == {"fp32", "fp16", "bf16"}
+    assert len([c for c in cases if c.dtype != "fp32"]) == 2  # one row each
+    for case in wanted:
+        for name in ("effattn", "effattn-cpp", "sdpa"):
+            assert case.op in PROVIDERS[name].ops, (name, case.label())
+        assert PROVIDERS["sdpa"].not_supported_reasons(case) == []
+        assert PROVIDERS["effattn"].not_supported_reasons(case) == []
 
-    assert bench_cli.main(["--device", "cpu", "--list"]) == 0
+
+def test_overrides_reach_every_part_and_ops_select_parts():
+    quick = PRESETS["quick"]
+    assert quick.parts
+    seqlen = quick.replace(seqlens=(128,))
+    assert {c.seqlen_q for c in expand(seqlen, "cpu")} == {128}
+    sparse = expand(quick.replace(ops=("sparse",)), "cpu")
+    assert {c.op for c in sparse} == {"sparse"}
+    assert {c.pattern for c in sparse} == {"random", "documents"}  # the main sweep's and a part's
+    funnel = expand(quick.replace(ops=("funnel",)), "cpu")
+    assert {c.op for c in funnel} == {"funnel"} and {c.dtype for c in funnel} == {"fp32"}
+
+
+def test_min_run_time_replaces_the_presets(tmp_path):
+    args = bench_attention.build_parser().parse_args(["--preset", "tiny", "--min-run-time", "0.5"])
+    sweep = bench_attention.resolve_sweep(args)
+    assert sweep.timing.cpu_min_run_time_s == 0.5
+    assert sweep.timing.cuda_rep_ms == PRESETS["tiny"].timing.cuda_rep_ms
+
+
+def test_help_shows_the_presets(capsys):
+    """The presets' descriptions hold "%": argparse must get them as "%%"."""
+    assert any("%" in sweep.description for sweep in PRESETS.values())
+    with pytest.raises(SystemExit) as exc:
+        bench_attention.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "50 and 90 % of the 64x64 blocks" in " ".join(out.split())
+
+
+def test_list_presets_and_providers(capsys):
+    assert bench_attention.main(["--device", "cpu", "--list"]) == 0
     listing = capsys.readouterr().out
-    assert "presets:" in listing and "h100-ops" in listing and "sparsefinder" in listing
-    monkeypatch.setattr(bench_cli, "REPO_ROOT", tmp_path)  # as from an installed wheel: no bench/ beside
-    assert bench_cli.main(["--list"]) == 2
-    assert "pip install -e ." in capsys.readouterr().err
+    assert "presets:" in listing and all(name in listing for name in PRESETS)
+    assert all(f"  {name} " in listing for name in PROVIDERS)

@@ -118,6 +118,6 @@ def test_predict_counts_no_flops_and_top_k():
 def test_presets_expand_every_op():
     for name, sweep in PRESETS.items():
         cases = expand(sweep, "cpu")
-        assert {c.op for c in cases} == set(sweep.ops), name
+        assert {c.op for c in cases} == set(sweep.ops).union(*(part.ops for part in sweep.parts)), name
         assert all(c.mode == "fwd" for c in cases if c.op == "predict")
         assert all(c.gqa == 1 and not c.causal for c in cases if c.op != "attention")

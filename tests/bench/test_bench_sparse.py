@@ -1,122 +1,134 @@
-"""The block-sparse benchmark (``python -m bench.bench_sparse``): end to end on a tiny preset on CPU, the
-random masks and the FLOP count, the wrong-output path, the plot without matplotlib, argument errors."""
+"""The harness's block-sparse sweep (``--preset sparse``): the masks (``BlockMask.random`` and the structured
+ones), each mask's build time, the rows against dense attention, the time-against-kept-share plot; and the
+deprecated ``python -m bench.bench_sparse``, which runs it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
+import math
 
 import pytest
 import torch
 
-from bench import bench_sparse
+from bench import bench_attention, bench_sparse, report
+from bench.cases import PATTERNS, PRESETS, Case, expand
+from bench.ops import N_DOCUMENTS, _documents, mask_builder, sparse_mask
+from bench.runner import STATUS_OK, Row
+from effattn import BlockMask
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CPU_PROVIDERS = ("effattn", "sdpa-masked", bench_sparse.DENSE)  # must run (status ok) on CPU
-FAST = ["--device", "cpu", "--min-run-time", "0.01"]
+CASE = Case(batch=2, heads_q=3, heads_kv=3, seqlen_q=256, seqlen_k=256, headdim=16, dtype="fp32", causal=False,
+            mode="fwd", device="cpu", op="sparse", pattern="random", sparsity=0.75, block=32)
 
 
-def _run(tmp_path, *args):
-    rc = bench_sparse.main(["--preset", "tiny", "--out", str(tmp_path), *FAST, *args])
-    return rc, json.loads((tmp_path / "sparse.json").read_text())
+def test_random_mask_is_blockmask_random_per_row_with_the_diagonal():
+    mask = sparse_mask(CASE)
+    expected = BlockMask.random(256, 256, 0.25, 32, heads=3, per_row=True, keep_diagonal=True,
+                                generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mask.block_kinds(), expected.block_kinds())
+    kept = mask.block_kinds() > 0
+    assert kept.shape == (1, 3, 8, 8)  # one draw per head, shared over the batch
+    assert (kept.sum(-1) == 2).all()  # round(0.25 * 8) kv blocks in every query-block row
+    assert kept[0, :, torch.arange(8), torch.arange(8)].all()  # the diagonal's block among them
+    assert torch.equal(mask_builder(CASE)().block_kinds(), mask.block_kinds())  # the builder is deterministic
+    sparser = sparse_mask(dataclasses.replace(CASE, sparsity=0.99))
+    assert ((sparser.block_kinds() > 0).sum(-1) == 1).all()  # at least one block per row
 
 
-def test_end_to_end_tiny(tmp_path):
-    rc, data = _run(tmp_path)
+@pytest.mark.parametrize("pattern", PATTERNS[1:])
+def test_structured_masks(pattern):
+    case = dataclasses.replace(CASE, pattern=pattern, sparsity=0.0)
+    dense = sparse_mask(case).to_dense()
+    assert dense.shape[-2:] == (256, 256) and dense.any(-1).all()  # every query sees some key
+    if pattern in ("causal", "sliding"):
+        assert not dense.triu(1).any()  # no key after the query
+    if pattern == "sliding":
+        assert not dense.tril(-256 // 8 - 1).any()  # nor further back than the window
+    if pattern == "documents":
+        segments = _documents(2, 256, torch.Generator().manual_seed(0))
+        assert torch.equal(dense[:, 0], segments[:, :, None] == segments[:, None, :])  # block-diagonal by document
+        assert all(len(seg.unique()) == N_DOCUMENTS for seg in segments)
+
+
+def test_sparse_preset_sweeps_density_next_to_dense():
+    cases = expand(PRESETS["sparse"], "cpu")
+    sparse = [c for c in cases if c.op == "sparse"]
+    assert {c.pattern for c in sparse} == set(PATTERNS)
+    kept = sorted({1 - c.sparsity for c in sparse if c.pattern == "random"})
+    assert kept == pytest.approx([0.05, 0.1, 0.25, 0.5, 1])
+    dense = {(c.seqlen_q, c.mode) for c in cases if c.op == "attention"}
+    assert all(not c.causal for c in cases if c.op == "attention")
+    assert {(c.seqlen_q, c.mode) for c in sparse} == dense  # a dense row beside every sparse size
+
+
+def test_sweep_rows_against_dense_with_build_times(tmp_path):
+    rc = bench_attention.main(["--preset", "sparse", "--device", "cpu", "--seqlen", "128", "--headdim", "16",
+                               "--block", "32", "--sparsity", "0", "0.75", "--pattern", "random", "causal",
+                               "--mode", "fwd", "--providers", "sdpa", "effattn", "--min-run-time", "0.002",
+                               "--no-ceilings", "--no-plots", "--quiet", "--stem", "sparse", "--out", str(tmp_path)])
     assert rc == 0
-    meta, rows = data["metadata"], data["rows"]
-    for key in ("device", "torch", "git_commit", "command", "timing", "memory", "fractions", "block"):
-        assert key in meta, key
-    assert meta["device"] == "cpu"
-    assert (tmp_path / "sparse.md").read_text().startswith("# effattn block-sparse attention benchmarks")
-    assert (tmp_path / "sparse_density.png").read_bytes()[:8] == PNG_MAGIC
-    assert not [r for r in rows if r["status"].startswith("wrong")]
+    rows = [Row(**r) for r in json.loads((tmp_path / "sparse.json").read_text())["rows"]]
+    sparse = [r for r in rows if r.op == "sparse"]
+    assert all(r.status == STATUS_OK for r in rows), [(r.provider, r.reason) for r in rows if r.status != STATUS_OK]
+    assert sorted({r.kept for r in sparse}) == [0.25, pytest.approx(10 / 16), 1.0]  # 1 of 4 blocks; causal; all
+    assert all(r.mask_ms > 0 for r in sparse) and all(r.mask_ms is None for r in rows if r.op == "attention")
+    assert len({r.mask_ms for r in sparse if r.pattern == "causal"}) == 1  # once per problem, for every provider
 
-    (B, H, T, D), = bench_sparse.PRESETS["tiny"]["cases"]
-    density = [r for r in rows if r["part"] == "density"]
-    masks = {r["mask"] for r in density if r["provider"] == "effattn"}
-    assert masks == {"random 1", "random 0.25", "causal", "sliding T/8", "bigbird"}
-    for r in density:
-        for key in ("provider", "mask", "kept", "sparsity", "B", "H", "T", "D", "block", "flops_fwd", "status"):
-            assert key in r, (key, r)
-        assert (r["B"], r["H"], r["T"], r["D"]) == (B, H, T, D)
-        assert r["kept"] == pytest.approx(1 - r["sparsity"])
-        if r["provider"] in CPU_PROVIDERS:
-            assert r["status"] == "ok", r
-            assert r["ms"] > 0 and r["tflops"] > 0 and r["vs_dense"] > 0, r
-            mult = 1.0 if r["mode"] == "fwd" else bench_sparse.BWD_FACTOR
-            assert r["tflops"] == pytest.approx(r["flops_fwd"] * mult / r["ms"] / 1e9)
-        else:
-            assert r["provider"] == "flex" and r["status"] == "skipped: needs CUDA", r
-    for mode in ("fwd", "fwd+bwd"):
-        dense = [r for r in density if r["provider"] == bench_sparse.DENSE and r["mode"] == mode]
-        assert len(dense) == 1 and dense[0]["vs_dense"] == pytest.approx(1.0)
-        assert dense[0]["flops_fwd"] == 4 * B * H * T * T * D
-        for r in density:
-            if r.get("mode") == mode and r["status"] == "ok":
-                assert r["vs_dense"] == pytest.approx(dense[0]["ms"] / r["ms"])
-    quarter = [r for r in density if r["mask"] == "random 0.25" and r["provider"] == "effattn"]
-    assert quarter and all(r["kept"] == pytest.approx(0.25) for r in quarter)
+    lines = report.sparse_lines(rows)
+    assert len(lines) == len(sparse)
+    dense = {r.provider: r.ms for r in rows if r.op == "attention"}
+    for line, r in zip(lines, sparse):
+        assert line[0] == r.provider and line[10] == report._sig(dense[r.provider])
+        assert line[11] == f"{report._sig(dense[r.provider] / r.ms)}x"
+        assert line[13] == f"{r.mask_ms / r.ms:.1%}"
+    section = (tmp_path / "sparse.md").read_text().split("## Sparse: against dense attention, and the mask's build")
+    assert len(section) == 2 and section[1].count("| sparse random 0.75 b32 |") == 2
 
-    build = [r for r in rows if r["part"] == "build"]
-    assert {r["mask"] for r in build} == {"causal", "sliding T/8", "bigbird", "documents", "random 0.25"}
-    for r in build:
-        assert r["status"] == "ok", r
-        assert r["build_ms"] > 0 and r["attn_fwd_ms"] > 0 and r["attn_fwd+bwd_ms"] > 0
-        assert r["build_over_fwd"] == pytest.approx(r["build_ms"] / r["attn_fwd_ms"])
+    pytest.importorskip("matplotlib")
+    path = report.write_sparse_plot(tmp_path, rows, "sparse")
+    assert path.name == "sparse_sparse.png" and path.read_bytes().startswith(PNG_MAGIC)
 
 
-def test_build_part_alone(tmp_path):
-    rc, data = _run(tmp_path, "--parts", "build", "--block", "32", "64")
-    assert rc == 0
-    rows = data["rows"]
-    assert rows and all(r["part"] == "build" and r["status"] == "ok" and r["block"] == [32, 64] for r in rows)
-    assert not (tmp_path / "sparse_density.png").exists()  # no density rows: no plot
+def test_no_sparse_rows_no_section():
+    assert report.format_sparse_markdown([]) == ""
 
 
-def test_wrong_output_is_reported_and_not_timed(tmp_path, monkeypatch):
-    prepare = bench_sparse.prepare
-
-    def off_by_one(name, bm, device):
-        fn, nbytes = prepare(name, bm, device)
-        return ((lambda q, k, v: fn(q, k, v) + 1) if name == "sdpa-masked" else fn), nbytes
-
-    monkeypatch.setattr(bench_sparse, "prepare", off_by_one)
-    rc, data = _run(tmp_path, "--parts", "density", "--fractions", "0.5")
-    assert rc == 1
-    wrong = [r for r in data["rows"] if r["status"].startswith("wrong")]
-    assert wrong and all(r["provider"] == "sdpa-masked" and "ms" not in r for r in wrong)
-    assert "wrong (max err" in (tmp_path / "sparse.md").read_text()
-
-
-def test_random_mask_and_flops():
-    H, T, block = 3, 512, (64, 32)
-    bm = bench_sparse.random_mask(H, T, block, 0.25, torch.Generator().manual_seed(1), "cpu")
-    assert bm.shape == (1, H, 8, 16)
-    kinds = bm.block_kinds()
-    kept = kinds > 0
-    assert (kept.sum(-1) == 4).all()  # round(0.25 * 16) blocks in every query-block row
-    assert kept[0, :, torch.arange(8), torch.arange(8) * 2].all()  # the diagonal's block among them
-    assert bm.sparsity() == pytest.approx(0.75)
-    assert bench_sparse.kept_flops(bm, 2, H, 16) == 4 * 16 * 64 * 32 * (2 * H * 8 * 4)
-    again = bench_sparse.random_mask(H, T, block, 0.25, torch.Generator().manual_seed(1), "cpu")
-    assert torch.equal(again.block_kinds(), kinds)  # seeded
-    tiny = bench_sparse.random_mask(1, T, block, 0.001, torch.Generator().manual_seed(1), "cpu")
-    assert (tiny.block_kinds().sum(-1) > 0).all()  # at least one block per row
-
-
-def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    note = bench_sparse.write_plot(tmp_path / "p.png", [])
-    assert "matplotlib" in note and not (tmp_path / "p.png").exists()
+# ----------------------------------------------------------------------------------------------
+# the deprecated command
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("old, new", [
+    (["--preset", "cpu"], ["--preset", "sparse"]),
+    (["--preset", "h100", "--device", "cuda"], ["--preset", "h100-sparse", "--device", "cuda"]),
+    (["--device", "cpu", "--fractions", "1", "0.25", "0.1"], ["--preset", "sparse", "--device", "cpu",
+                                                             "--sparsity", "0", "0.75", "0.9"]),
+    (["--device", "cpu", "--parts", "build", "--block", "32", "32", "--min-run-time", "0.5"],
+     ["--preset", "sparse", "--device", "cpu", "--op", "sparse", "--block", "32", "--min-run-time", "0.5"]),
+    (["--preset", "tiny", "--parts", "density", "build"], ["--preset", "sparse", "--seqlen", "256", "--headdim", "32",
+                                                           "--sparsity", "0", "0.75"]),
+])
+def test_old_options_become_the_harness_arguments(old, new, tmp_path):
+    argv = bench_sparse.harness_argv([*old, "--out", str(tmp_path)])
+    expected = [*new, "--stem", "sparse", "--out", str(tmp_path)]
+    assert sorted(argv) == sorted(expected) and argv[:2] == expected[:2]
+    parsed = bench_attention.build_parser().parse_args(argv)  # the harness accepts them
+    assert parsed.stem == "sparse"
 
 
 @pytest.mark.parametrize("args", [["--parts", "nope"], ["--preset", "nope"], ["--fractions", "0"],
-                                  ["--fractions", "1.5"], ["--fractions", "half"], ["--min-run-time", "0"],
-                                  ["--device", "tpu"], ["--block", "48", "64"], ["--block", "64"]])
-def test_bad_arguments(tmp_path, capsys, args):
+                                  ["--fractions", "1.5"], ["--fractions", "half"], ["--device", "tpu"],
+                                  ["--block", "32", "64"], ["--block", "64"]])
+def test_old_command_bad_arguments(tmp_path, capsys, args):
     with pytest.raises(SystemExit) as e:
         bench_sparse.main(["--out", str(tmp_path), *args])
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
-    assert not (tmp_path / "sparse.json").exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_kept_share_of_a_random_case():
+    """round((1 - sparsity) * nKb) of the kv blocks per row, whatever the batch."""
+    for sparsity in (0.0, 0.5, 0.9):
+        case = dataclasses.replace(CASE, sparsity=sparsity)
+        kept = (sparse_mask(case).block_kinds() > 0).double().mean().item()
+        assert kept == max(1, round((1 - sparsity) * 8)) / 8 and math.isfinite(kept)

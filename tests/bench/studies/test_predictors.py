@@ -1,14 +1,16 @@
-"""End-to-end test of bench.bench_predictors (tiny preset, CPU)."""
+"""The predictor study (``python -m bench.studies.predictors``) end to end on its tiny preset (CPU), and the
+deprecated ``python -m bench.bench_predictors``, which runs it."""
 
 import json
 
 import pytest
 
 from bench import bench_predictors
+from bench.studies import predictors
 
 
 def test_tiny_run_writes_outputs(tmp_path):
-    assert bench_predictors.main(["--preset", "tiny", "--out", str(tmp_path)]) == 0
+    assert predictors.main(["--preset", "tiny", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "predictors.json").read_text())
     assert data["metadata"]["preset"] == "tiny"
     rows = data["rows"]
@@ -47,11 +49,25 @@ def test_tiny_run_writes_outputs(tmp_path):
 ])
 def test_bad_arguments_exit(argv, tmp_path):
     with pytest.raises(SystemExit):
-        bench_predictors.main([*argv, "--out", str(tmp_path)])
+        predictors.main([*argv, "--out", str(tmp_path)])
 
 
 def test_sequences_are_real_text():
-    ids = bench_predictors.sequences(2, 64)
+    ids = predictors.sequences(2, 64)
     assert ids.shape == (2, 64)
-    text = bytes((ids.flatten() - bench_predictors.N_SPECIAL).tolist()).decode("utf-8", errors="replace")
+    text = bytes((ids.flatten() - predictors.N_SPECIAL).tolist()).decode("utf-8", errors="replace")
     assert sum(c.isalpha() for c in text) > 64  # mostly letters: English text, not noise
+
+
+def test_text_starts_with_the_readme():
+    readme = (predictors.REPO_ROOT / "README.md").read_text(encoding="utf-8", errors="replace")
+    assert predictors.corpus_text().startswith(readme[:200])
+
+
+def test_old_command_warns_and_runs_the_study(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(predictors, "main", lambda argv: seen.append(argv) or 0)
+    with pytest.warns(DeprecationWarning, match="python -m bench.studies.predictors --preset tiny"):
+        assert bench_predictors.main(["--preset", "tiny"]) == 0
+    assert seen == [["--preset", "tiny"]]
+    assert "deprecated" in capsys.readouterr().err
