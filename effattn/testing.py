@@ -1,4 +1,5 @@
-"""Tolerances per dtype (one table) and comparison helpers, shared by the tests and the benchmarks.
+"""Tolerances per dtype (one table), comparison helpers and a NaN-poisoning allocator, shared by the tests
+and the benchmarks.
 
 A kernel output is compared with the float64 reference as ``|x - ref| <= atol + rtol * |ref|``
 elementwise; gradients get the looser ``grad`` row. NaN never passes.
@@ -16,6 +17,7 @@ TOLERANCES: dict[torch.dtype, dict[str, tuple[float, float]]] = {
     torch.float16: {"fwd": (2e-3, 2e-3), "lse": (1e-4, 1e-5), "grad": (1e-2, 1e-2)},
     torch.bfloat16: {"fwd": (1.6e-2, 1.6e-2), "lse": (1e-4, 1e-5), "grad": (6e-2, 6e-2)},
 }
+DTYPES: tuple[torch.dtype, ...] = tuple(TOLERANCES)  # every dtype a backend may support, as the table lists them
 
 
 def max_violation(x: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> float:
@@ -41,3 +43,10 @@ def assert_close(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: s
             f"{name}: {dtype} {kind} out of tolerance (atol={atol}, rtol={rtol}): max |err| "
             f"{float(torch.nan_to_num(err, nan=float('inf')).max()):.3g} at {idx}: got {float(x[idx]):.6g}, "
             f"reference {float(ref[idx]):.6g}; NaN count {int(torch.isnan(x).sum())}")
+
+
+def poisoned_empty(*size, dtype=None, device=None, **kw) -> torch.Tensor:
+    """``torch.empty`` filled with NaN (floating dtypes) or -1 (integer dtypes): swapped in for a kernel
+    module's output allocator, so that an element the kernel forgets to write fails the comparison."""
+    t = torch.empty(*size, dtype=dtype, device=device, **kw)
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)

@@ -1,8 +1,12 @@
-"""Test set-up: device choice, the Triton interpreter on CPU, seeds, NaN-poisoned outputs.
+"""Test set-up: device choice, the Triton interpreter on CPU, seeds, NaN-poisoned outputs, the backend fixture.
 
 The device is ``cuda`` when a GPU is present and ``cpu`` otherwise; ``EFFATTN_TEST_DEVICE`` forces
 one. On CPU the Triton kernels run through Triton's interpreter, which must be switched on before
 triton is first imported: this file does it.
+
+The ``backend`` fixture runs a test on every backend of ``effattn.BACKENDS`` but the reference (the
+oracle), on the test device and on the CPU; a backend that cannot run a case says why (its
+``not_supported_reasons``), and the case is skipped with those reasons (:class:`tests.helpers.Target`).
 """
 
 import os
@@ -30,7 +34,9 @@ import torch  # noqa: E402
 
 import effattn.cuda_ops as cuda_ops  # noqa: E402
 import effattn.reference as reference  # noqa: E402
-from effattn.kernels import block_sparse_attn, flash_attn  # noqa: E402
+from effattn.kernels import block_attn_map, block_sparse_attn, flash_attn  # noqa: E402
+from effattn.testing import poisoned_empty  # noqa: E402
+from tests.helpers import backend_targets  # noqa: E402
 
 
 @pytest.fixture
@@ -44,18 +50,30 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-def _poisoned_alloc(*size, dtype=None, device=None, **kw):
-    t = torch.empty(*size, dtype=dtype, device=device, **kw)
-    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
-
-
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """Every output buffer of the kernels and the reference starts as NaN: unwritten elements fail."""
-    monkeypatch.setattr(flash_attn, "_alloc", _poisoned_alloc)
-    monkeypatch.setattr(block_sparse_attn, "_alloc", _poisoned_alloc)
-    monkeypatch.setattr(reference, "_alloc", _poisoned_alloc)
-    monkeypatch.setattr(cuda_ops, "_alloc", _poisoned_alloc)
+    for module in (flash_attn, block_sparse_attn, block_attn_map, reference, cuda_ops):
+        monkeypatch.setattr(module, "_alloc", poisoned_empty)
+
+
+def _target(request, monkeypatch):
+    if request.param.name == "cpp":
+        # tiles of 16 x 16 queries x keys: several tiles, ragged edges and every tile walk at small sizes
+        monkeypatch.setattr(cuda_ops, "CPU_TILE", (16, 16))
+    return request.param
+
+
+@pytest.fixture(params=backend_targets(DEVICE))
+def backend(request, monkeypatch):
+    """A backend (all but the reference) and the device of its inputs: see :class:`tests.helpers.Target`."""
+    return _target(request, monkeypatch)
+
+
+@pytest.fixture(params=backend_targets(DEVICE, include_reference=True))
+def any_backend(request, monkeypatch):
+    """As ``backend``, the reference included: for tests whose oracle is not the reference."""
+    return _target(request, monkeypatch)
 
 
 @pytest.fixture

@@ -1,11 +1,51 @@
-"""Shared test helpers: random inputs and the comparison of a backend with the float64 reference."""
+"""Shared test helpers: random inputs, the backends to test, and the comparison of a backend with the
+float64 reference."""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
+import pytest
 import torch
 
 import effattn
 from effattn.testing import TOLERANCES, assert_close
+
+
+@contextlib.contextmanager
+def skip_if_unsupported():
+    """Skip the test when the backend named in the call declines it: the skip message is the
+    :class:`effattn.UnsupportedInputError`'s, which lists the backend's ``not_supported_reasons``."""
+    try:
+        yield
+    except effattn.UnsupportedInputError as e:
+        pytest.skip(str(e))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A backend of ``effattn.BACKENDS`` and the device of the inputs it is tested on."""
+
+    name: str
+    device: str
+
+    def run(self, fn, *args, **kwargs):
+        """``fn(*args, backend=name, **kwargs)``, skipped with the backend's reasons where it declines."""
+        with skip_if_unsupported():
+            return fn(*args, backend=self.name, **kwargs)
+
+
+def backend_targets(test_device: str, include_reference: bool = False) -> list:
+    """``pytest.param`` of a :class:`Target` per backend and device (the test device and the CPU).
+
+    Nothing here says which backend runs where: a backend that cannot run a case on a device (the
+    CUDA kernels on CPU tensors, Triton on CPU without the interpreter, the C++ CPU code on CUDA
+    tensors, a dtype, a head dim, dropout, ...) declines the call and the case is skipped with its
+    reasons. The reference is the oracle of the comparisons and is left out unless asked for."""
+    devices = sorted({test_device, "cpu"})
+    return [pytest.param(Target(name, device), id=name if len(devices) == 1 else f"{name}-{device}")
+            for name in effattn.BACKENDS if include_reference or name != "reference" for device in devices]
 
 
 def make_qkv(B=2, Hq=2, Hkv=None, Tq=33, Tk=None, D=64, Dv=None, dtype=torch.float16, device="cpu",
@@ -35,11 +75,13 @@ def _as_ref(x):
 
 def compare_with_reference(q, k, v, *, backend="triton", grad=True, lse_grad=False, op=None, lse_kind="lse",
                            **kwargs):
-    """Run ``op`` (default ``effattn.flash_attention``) on ``backend`` and on the float64 reference;
-    compare out, lse, grads (``lse_kind``: the tolerance row for lse). Returns the backend's ``(out, lse)``."""
+    """Run ``op`` (default ``effattn.flash_attention``) on ``backend`` (a name or a :class:`Target`) and
+    on the float64 reference; compare out, lse, grads (``lse_kind``: the tolerance row for lse). Returns
+    the backend's ``(out, lse)``; skips the test with the backend's reasons where it declines the input."""
     op = op or effattn.flash_attention
     dtype = q.dtype
-    out, lse = op(q, k, v, return_lse=True, backend=backend, **kwargs)
+    with skip_if_unsupported():
+        out, lse = op(q, k, v, return_lse=True, backend=getattr(backend, "name", backend), **kwargs)
     assert out.dtype == dtype and out.shape[-1] == v.shape[-1]
     if op is effattn.flash_attention:
         assert out.shape == (*q.shape[:3], v.shape[-1])
@@ -67,7 +109,7 @@ def compare_with_reference(q, k, v, *, backend="triton", grad=True, lse_grad=Fal
     return out, lse
 
 
-__all__ = ["TOLERANCES", "compare_with_reference", "make_qkv"]
+__all__ = ["TOLERANCES", "Target", "backend_targets", "compare_with_reference", "make_qkv", "skip_if_unsupported"]
 
 
 def pool_token_pairs(pairs: torch.Tensor, block_q: int, block_kv: int, how: str = "any") -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Pool-query-only strided attention (Funnel): kernels vs the float64 reference, and the reference
-vs an independent, loop-by-loop implementation of Funnel's pooling and masking."""
+"""Pool-query-only strided attention (Funnel): every backend vs the float64 reference (the ``backend``
+fixture, tests/conftest.py), and the reference vs an independent, loop-by-loop implementation of
+Funnel's pooling and masking."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 import effattn
 from effattn.reference import QueryPool, pool_queries, pool_queries_backward
-from effattn.testing import assert_close
+from effattn.testing import DTYPES, TOLERANCES, assert_close
 from tests.helpers import compare_with_reference, make_qkv
 
 MODES = ["mean", "max"]
@@ -81,6 +82,7 @@ def test_pool_backward_matches_autograd(separate_cls, truncate, pool, stride):
     assert y.shape[2] == qp.pooled_len(11) == len(_windows(11, stride, separate_cls, truncate))
     g = torch.randn_like(y)
     (expected,) = torch.autograd.grad(y, x, g)
+    # float64 against float64 autograd of the same sums and maxima: tighter than any kernel tolerance
     torch.testing.assert_close(pool_queries_backward(g, x.detach(), qp), expected, rtol=0, atol=1e-12)
 
 
@@ -88,7 +90,7 @@ def test_pool_backward_matches_autograd(separate_cls, truncate, pool, stride):
 # kernels vs the float64 reference
 # ----------------------------------------------------------------------------------------------
 def compare_pooled(q, k, v, **kw):
-    """``effattn.pooled_attention`` on Triton vs the float64 reference: out, lse, dq (unpooled), dk, dv.
+    """``effattn.pooled_attention`` on ``backend`` vs the float64 reference: out, lse, dq (unpooled), dk, dv.
 
     Mean-pooled half-precision queries are rounded to the input dtype before the dot (as pooling in
     that dtype would be), so lse carries the inputs' rounding: the "fwd" tolerance applies to it."""
@@ -100,55 +102,77 @@ def compare_pooled(q, k, v, **kw):
 @pytest.mark.parametrize("pool", MODES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("T", [1, 2, 17, 100])
-def test_pooled_vs_reference(device, separate_cls, truncate, pool, causal, T):
-    compare_pooled(*make_qkv(B=2, Hq=2, Tq=T, D=32, dtype=torch.float32, device=device), pool=pool,
-                   separate_cls=separate_cls, truncate=truncate, causal=causal)
+def test_pooled_vs_reference(backend, separate_cls, truncate, pool, causal, T):
+    compare_pooled(*make_qkv(B=2, Hq=2, Tq=T, D=32, dtype=torch.float32, device=backend.device), backend=backend,
+                   pool=pool, separate_cls=separate_cls, truncate=truncate, causal=causal)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pool", MODES)
-def test_pooled_dtypes(device, dtype, pool):
-    compare_pooled(*make_qkv(B=1, Hq=2, Tq=70, D=48, dtype=dtype, device=device), pool=pool, separate_cls=True,
-                   causal=True)
+def test_pooled_dtypes(backend, dtype, pool):
+    compare_pooled(*make_qkv(B=1, Hq=2, Tq=70, D=48, dtype=dtype, device=backend.device), backend=backend, pool=pool,
+                   separate_cls=True, causal=True)
 
 
 @pytest.mark.parametrize("D,Dv", [(16, 16), (40, 24), (100, 100), (256, 64)])
-def test_pooled_head_dims(device, D, Dv):
-    compare_pooled(*make_qkv(B=1, Hq=1, Tq=45, D=D, Dv=Dv, dtype=torch.float16, device=device), separate_cls=True)
+def test_pooled_head_dims(backend, D, Dv):
+    compare_pooled(*make_qkv(B=1, Hq=1, Tq=45, D=D, Dv=Dv, dtype=torch.float16, device=backend.device),
+                   backend=backend, separate_cls=True)
 
 
 @pytest.mark.parametrize("stride", [1, 3, 4])
 @pytest.mark.parametrize("pool", MODES)
-def test_pooled_strides(device, stride, pool):
-    compare_pooled(*make_qkv(B=1, Hq=2, Tq=50, D=16, dtype=torch.float32, device=device), stride=stride, pool=pool,
-                   causal=True)
+def test_pooled_strides(backend, stride, pool):
+    compare_pooled(*make_qkv(B=1, Hq=2, Tq=50, D=16, dtype=torch.float32, device=backend.device), backend=backend,
+                   stride=stride, pool=pool, causal=True)
 
 
-def test_pooled_stride3_separate_cls(device):
-    compare_pooled(*make_qkv(B=1, Hq=2, Tq=31, D=16, dtype=torch.float32, device=device), stride=3,
-                   separate_cls=True, truncate=False, causal=True)
+def test_pooled_stride3_separate_cls(backend):
+    compare_pooled(*make_qkv(B=1, Hq=2, Tq=31, D=16, dtype=torch.float32, device=backend.device), backend=backend,
+                   stride=3, separate_cls=True, truncate=False, causal=True)
 
 
-def test_pooled_gqa_layout_padding_lse_grad(device):
-    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, Tq=53, D=32, dtype=torch.float16, device=device, layout="bthd")
-    kpm = torch.rand(2, 53, device=device) > 0.4
+@pytest.mark.parametrize("T", [1, 2, 5, 64])
+def test_pooled_short_half(backend, T):
+    """Sequences shorter than, equal to and a multiple of the stride, in float16, max-pooled with [cls]."""
+    compare_pooled(*make_qkv(B=1, Hq=2, Tq=T, D=32, dtype=torch.float16, device=backend.device), backend=backend,
+                   stride=4, pool="max", separate_cls=True, causal=True)
+
+
+def test_pooled_gqa_layout_padding_lse_grad(backend):
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, Tq=53, D=32, dtype=torch.float16, device=backend.device, layout="bthd")
+    kpm = torch.rand(2, 53, device=backend.device) > 0.4
     kpm[1] = False  # batch 1: every key padded, so every row of it is empty
-    out, lse = compare_pooled(q, k, v, separate_cls=True, key_padding_mask=kpm, lse_grad=True)
+    out, lse = compare_pooled(q, k, v, backend=backend, separate_cls=True, key_padding_mask=kpm, lse_grad=True)
     assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
 
 
-def test_pooled_dropout_matches_reference(device):
-    compare_pooled(*make_qkv(B=1, Hq=2, Tq=40, D=16, dtype=torch.float32, device=device), separate_cls=True,
-                   dropout_p=0.3, dropout_seed=7)
+# With the case above: strides 2 and 3, both poolings, every ([cls], truncate), both causalities, with
+# GQA, key padding and the lse gradient; head dims below, at and above 64 (the CUDA kernels pad to 64, 128).
+@pytest.mark.parametrize("stride,pool,separate_cls,truncate,causal,D,Dv", [
+    (3, "max", False, True, False, 16, 24), (3, "mean", True, True, True, 64, 64),
+    (2, "max", True, False, False, 96, 96),
+])
+def test_pooled_gqa_padding_strides(backend, stride, pool, separate_cls, truncate, causal, D, Dv):
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, Tq=37, D=D, Dv=Dv, dtype=torch.float16, device=backend.device)
+    kpm = torch.rand(2, 37, device=backend.device) > 0.3
+    compare_pooled(q, k, v, backend=backend, stride=stride, pool=pool, separate_cls=separate_cls, truncate=truncate,
+                   causal=causal, key_padding_mask=kpm, lse_grad=True)
 
 
-def test_mean_pooling_equals_flash_on_pooled_queries(device):
+def test_pooled_dropout_matches_reference(backend):
+    compare_pooled(*make_qkv(B=1, Hq=2, Tq=40, D=16, dtype=torch.float32, device=backend.device), backend=backend,
+                   separate_cls=True, dropout_p=0.3, dropout_seed=7)
+
+
+def test_mean_pooling_equals_flash_on_pooled_queries(backend):
     """Mean pooling on load equals flash attention on explicitly pooled queries (same kernels otherwise)."""
-    q, k, v = make_qkv(B=1, Hq=2, Tq=64, D=32, dtype=torch.float32, device=device, requires_grad=False)
-    out = effattn.pooled_attention(q, k, v, backend="triton")
+    q, k, v = make_qkv(B=1, Hq=2, Tq=64, D=32, dtype=torch.float32, device=backend.device, requires_grad=False)
+    out = backend.run(effattn.pooled_attention, q, k, v)
     qp = pool_queries(q, QueryPool(2, "mean"))
-    expected = effattn.flash_attention(qp, k, v, backend="triton")
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    expected = backend.run(effattn.flash_attention, qp, k, v)
+    atol, rtol = TOLERANCES[torch.float32]["fwd"]
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def test_chunked_matches_naive(monkeypatch, case, mask_kind):
     out, lse = reference.attention_forward(q, k, v, mask, scale=scale, **kw)
     dout = torch.randn_like(out)
     n_out, n_dq, n_dk, n_dv = _naive_grads(q, k, v, mask, dout, scale=scale, **kw)
+    # float64 chunked against float64 naive: tighter than the table's float64 rows, which bound kernels
     torch.testing.assert_close(out, n_out, atol=1e-12, rtol=1e-12)
     dq, dk, dv = reference.attention_backward(dout, q, k, v, out, lse, mask, scale=scale, **kw)
     for g, ng in ((dq, n_dq), (dk, n_dk), (dv, n_dv)):

@@ -1,5 +1,6 @@
-"""Block-sparse attention: the Triton kernels against the float64 reference (which expands the mask
-by chunks of query rows), and that reference against naive attention with the whole mask expanded."""
+"""Block-sparse attention: every backend (the ``backend`` fixture, tests/conftest.py) against the float64
+reference (which expands the mask by chunks of query rows), and that reference against naive attention
+with the whole mask expanded."""
 
 from __future__ import annotations
 
@@ -9,19 +10,15 @@ import torch
 import effattn
 from effattn import BlockMask
 from effattn.reference import naive_attention
-from effattn.testing import assert_close
+from effattn.testing import TOLERANCES, assert_close
 from tests.helpers import compare_with_reference, make_qkv
 
 BLOCKS = [(16, 32), (32, 16), (16, 16)]
-
-
-def _random_blocks(B, H, Tq, Tk, block, density, device):
-    nq, nk = -(-Tq // block[0]), -(-Tk // block[1])
-    return BlockMask.from_dense_blocks(torch.rand(B, H, nq, nk, device=device) < density, Tq, Tk, block)
+LARGE_BLOCKS = [(64, 64), (128, 64), (64, 128)]  # the CUDA kernels' block sizes (powers of two >= 64)
 
 
 def compare_sparse(q, k, v, block_mask, **kw):
-    """Triton vs the float64 reference (out, lse, dq, dk, dv); returns the Triton (out, lse)."""
+    """``backend`` vs the float64 reference (out, lse, dq, dk, dv); returns the backend's (out, lse)."""
     ref_mask = block_mask.to("cpu")
 
     def op(q, k, v, *, backend, **kw):
@@ -34,66 +31,86 @@ def compare_sparse(q, k, v, block_mask, **kw):
 @pytest.mark.parametrize("density", [0.0, 0.15, 0.5, 1.0])
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("Tq,Tk", [(1, 1), (45, 45), (70, 33)])
-def test_random_block_masks(device, density, block, Tq, Tk):
-    q, k, v = make_qkv(B=2, Hq=2, Tq=Tq, Tk=Tk, D=32, dtype=torch.float32, device=device)
-    bm = _random_blocks(2, 2, Tq, Tk, block, density, device)
-    out, lse = compare_sparse(q, k, v, bm)
+def test_random_block_masks(backend, density, block, Tq, Tk):
+    q, k, v = make_qkv(B=2, Hq=2, Tq=Tq, Tk=Tk, D=32, dtype=torch.float32, device=backend.device)
+    bm = BlockMask.random(Tq, Tk, density, block, batch=2, heads=2, device=backend.device)
+    out, lse = compare_sparse(q, k, v, bm, backend=backend)
     if density == 0.0:
         assert (out == 0).all() and torch.isneginf(lse).all()
 
 
-@pytest.mark.parametrize("name", ["causal", "causal_top_left", "window", "segments", "global", "bigbird"])
-def test_rule_masks(device, name):
-    Tq = Tk = 77
-    block = (16, 32)
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("block", LARGE_BLOCKS)
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (150, 100)])
+def test_random_large_blocks_lse_grad(backend, density, block, Tq, Tk):
+    """One mask for every head (heads=1 broadcasts), the lse gradient."""
+    q, k, v = make_qkv(B=1, Hq=2, Tq=Tq, Tk=Tk, D=64, dtype=torch.float16, device=backend.device)
+    bm = BlockMask.random(Tq, Tk, density, block, device=backend.device)
+    out, lse = compare_sparse(q, k, v, bm, backend=backend, lse_grad=True)
+    if density == 0.0:
+        assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def _rule_mask(name, T, block):
     if name == "causal":
-        bm = BlockMask.causal(Tq, Tk, block_size=block)
-    elif name == "causal_top_left":
-        bm = BlockMask.causal(50, 77, block_size=block, bottom_right=False)
-        Tq = 50
-    elif name == "window":
-        bm = BlockMask.sliding_window(Tq, Tk, 20, 5, block_size=block)
-    elif name == "segments":
-        seg = torch.tensor([[0] * 30 + [1] * 47, [0] * 10 + [1] * 20 + [2] * 47], dtype=torch.int32)
-        bm = BlockMask.from_segments(seg, block_size=block)
-    elif name == "global":
-        bm = BlockMask.global_tokens(Tq, Tk, 5, block_size=block)
-    else:
-        bm = BlockMask.bigbird(Tq, Tk, window=9, n_global=3, n_random_blocks=1, block_size=block,
-                               generator=torch.Generator().manual_seed(0))
-    q, k, v = make_qkv(B=2, Hq=2, Tq=Tq, Tk=Tk, D=40, dtype=torch.float32, device=device)
-    compare_sparse(q, k, v, bm.to(device))
+        return BlockMask.causal(T, T, block_size=block)
+    if name == "causal_top_left":
+        return BlockMask.causal(T - 27, T, block_size=block, bottom_right=False)
+    if name == "window":
+        return BlockMask.sliding_window(T, T, 20, 5, block_size=block)
+    if name == "segments":
+        seg = torch.tensor([[0] * 30 + [1] * (T - 30), [0] * 10 + [1] * 20 + [2] * (T - 30)], dtype=torch.int32)
+        return BlockMask.from_segments(seg, block_size=block)
+    if name == "global":
+        return BlockMask.global_tokens(T, T, 5, block_size=block)
+    return BlockMask.bigbird(T, T, window=9, n_global=3, n_random_blocks=1, block_size=block,
+                             generator=torch.Generator().manual_seed(0))
+
+
+RULES = ["causal", "causal_top_left", "window", "segments", "global", "bigbird"]
+
+
+@pytest.mark.parametrize("name,T,block,D,dtype", [
+    *((name, 77, (16, 32), 40, torch.float32) for name in RULES),
+    *((name, 130, (64, 64), 128, torch.bfloat16) for name in ("causal", "window", "segments", "global")),
+])
+def test_rule_masks(backend, name, T, block, D, dtype):
+    """The rule masks (PARTIAL blocks evaluate the rule), GQA, (B, T, H, D) views and key padding."""
+    bm = _rule_mask(name, T, block)
+    q, k, v = make_qkv(B=2, Hq=2, Hkv=1, Tq=bm.q_len, Tk=T, D=D, dtype=dtype, device=backend.device, layout="bthd")
+    kpm = torch.rand(2, T, device=backend.device) > 0.2
+    compare_sparse(q, k, v, bm.to(backend.device), backend=backend, key_padding_mask=kpm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sparse_half_gqa_padding(device, dtype):
-    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, Tq=64, D=64, dtype=dtype, device=device, layout="bthd")
-    kpm = torch.rand(2, 64, device=device) > 0.3
-    bm = BlockMask.sliding_window(64, 64, 24, 0, block_size=(16, 16)).to(device)
-    compare_sparse(q, k, v, bm, key_padding_mask=kpm)
+def test_sparse_half_gqa_padding(backend, dtype):
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, Tq=64, D=64, dtype=dtype, device=backend.device, layout="bthd")
+    kpm = torch.rand(2, 64, device=backend.device) > 0.3
+    bm = BlockMask.sliding_window(64, 64, 24, 0, block_size=(16, 16)).to(backend.device)
+    compare_sparse(q, k, v, bm, backend=backend, key_padding_mask=kpm)
 
 
-def test_per_head_masks_and_lse_grad(device):
-    q, k, v = make_qkv(B=1, Hq=3, Tq=48, D=16, Dv=24, dtype=torch.float32, device=device)
-    compare_sparse(q, k, v, _random_blocks(1, 3, 48, 48, (16, 16), 0.4, device), lse_grad=True)
+def test_per_head_masks_and_lse_grad(backend):
+    q, k, v = make_qkv(B=1, Hq=3, Tq=48, D=16, Dv=24, dtype=torch.float32, device=backend.device)
+    bm = BlockMask.random(48, 48, 0.4, (16, 16), heads=3, device=backend.device)
+    compare_sparse(q, k, v, bm, backend=backend, lse_grad=True)
 
 
 @pytest.mark.parametrize("block", [(64, 64), (128, 64)])
-def test_gpu_block_sizes_long_sequence(device, block):
+def test_gpu_block_sizes_long_sequence(backend, block):
     """The GPU's tile sizes, T = 1000 (not a multiple), a causal sliding window with global tokens."""
-    from effattn.block_mask import MaskRule
-
-    rule = MaskRule(window_left=100, window_right=0, n_global=4)
-    bm = BlockMask.from_rule(rule, 1000, 1000, block_size=block).to(device)
+    rule = effattn.MaskRule(window_left=100, window_right=0, n_global=4)
+    bm = BlockMask.from_rule(rule, 1000, 1000, block_size=block).to(backend.device)
     assert bm.sparsity() > 0.5
-    compare_sparse(*make_qkv(B=1, Hq=1, Tq=1000, D=16, dtype=torch.float16, device=device), bm)
+    compare_sparse(*make_qkv(B=1, Hq=1, Tq=1000, D=16, dtype=torch.float16, device=backend.device), bm,
+                   backend=backend)
 
 
 def test_reference_matches_naive_with_the_mask_expanded():
     """The chunked sparse reference against naive attention with to_dense() as its mask (float64)."""
     q, k, v = make_qkv(B=2, Hq=2, Tq=37, Tk=45, D=8, dtype=torch.float64)
-    bm = BlockMask.sliding_window(37, 45, 6, 2, block_size=(16, 16)) | _random_blocks(2, 2, 37, 45, (16, 16),
-                                                                                      0.2, "cpu")
+    bm = BlockMask.sliding_window(37, 45, 6, 2, block_size=(16, 16)) | BlockMask.random(37, 45, 0.2, (16, 16),
+                                                                                        batch=2, heads=2)
     out = effattn.sparse_attention(q, k, v, bm, backend="reference")
     ref = naive_attention(q, k, v, bm.to_dense())
     assert_close(out, ref, torch.float64, "fwd", "out")
@@ -104,11 +121,12 @@ def test_reference_matches_naive_with_the_mask_expanded():
         assert_close(g, rg, torch.float64, "grad", name)
 
 
-def test_dense_mask_equals_flash(device):
-    q, k, v = make_qkv(B=1, Hq=2, Tq=50, D=32, dtype=torch.float32, device=device, requires_grad=False)
-    bm = BlockMask.causal(50, 50, block_size=(16, 16)).to(device)
-    torch.testing.assert_close(effattn.sparse_attention(q, k, v, bm, backend="triton"),
-                               effattn.flash_attention(q, k, v, causal=True, backend="triton"), atol=2e-5, rtol=2e-5)
+def test_dense_mask_equals_flash(backend):
+    q, k, v = make_qkv(B=1, Hq=2, Tq=50, D=32, dtype=torch.float32, device=backend.device, requires_grad=False)
+    bm = BlockMask.causal(50, 50, block_size=(16, 16)).to(backend.device)
+    atol, rtol = TOLERANCES[torch.float32]["fwd"]
+    torch.testing.assert_close(backend.run(effattn.sparse_attention, q, k, v, bm),
+                               backend.run(effattn.flash_attention, q, k, v, causal=True), atol=atol, rtol=rtol)
 
 
 def test_sparse_errors():
@@ -118,49 +136,54 @@ def test_sparse_errors():
     with pytest.raises(ValueError, match="built for"):
         effattn.sparse_attention(q, k, v, BlockMask.causal(16, 32, block_size=(16, 16)))
     with pytest.raises(ValueError, match="\\(B, H\\)"):
-        effattn.sparse_attention(q, k, v, _random_blocks(3, 1, 32, 32, (16, 16), 0.5, "cpu"))
+        effattn.sparse_attention(q, k, v, BlockMask.random(32, 32, 0.5, (16, 16), batch=3))
 
 
 def test_sparse_opcheck():
     q, k, v = make_qkv(B=1, Hq=2, Tq=20, D=8, dtype=torch.float32)
     bm = BlockMask.causal(20, 20, block_size=(16, 16))
-    r = bm.rule
-    args = (q, k, v, None, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-            bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, None, None, 0.3, 16, 16,
-            r.window_left, r.window_right, r.diag_offset, r.n_global, True, "reference")
+    args = (q, k, v, None, *bm.as_tuple(), 0.3, "reference")
     torch.library.opcheck(torch.ops.effattn.sparse_attention_fwd.default, args)
 
 
 # ----------------------------------------------------------------------------------------------
 # segment_ids in flash_attention (packed documents, DeFormer): block-sparse underneath
 # ----------------------------------------------------------------------------------------------
-def test_segment_ids_equal_running_each_segment_alone(device):
+def test_segment_ids_equal_running_each_segment_alone(backend):
     lengths = [23, 1, 40, 17]
     T = sum(lengths)
-    seg = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)])[None].to(device)
-    q, k, v = make_qkv(B=1, Hq=2, Tq=T, D=32, dtype=torch.float32, device=device, requires_grad=False)
-    out = effattn.flash_attention(q, k, v, causal=True, segment_ids=seg, backend="triton")
+    seg = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)])[None].to(backend.device)
+    q, k, v = make_qkv(B=1, Hq=2, Tq=T, D=32, dtype=torch.float32, device=backend.device, requires_grad=False)
+    out = backend.run(effattn.flash_attention, q, k, v, causal=True, segment_ids=seg)
+    atol, rtol = TOLERANCES[torch.float32]["fwd"]
     start = 0
     for n in lengths:
         part = slice(start, start + n)
-        alone = effattn.flash_attention(q[:, :, part], k[:, :, part], v[:, :, part], causal=True, backend="triton")
-        torch.testing.assert_close(out[:, :, part], alone, atol=2e-5, rtol=2e-5)
+        alone = backend.run(effattn.flash_attention, q[:, :, part], k[:, :, part], v[:, :, part], causal=True)
+        torch.testing.assert_close(out[:, :, part], alone, atol=atol, rtol=rtol)
         start += n
 
 
-def test_segment_ids_vs_reference_with_window_padding_grads(device):
+def test_segment_ids_vs_reference_with_window_padding_grads(backend):
     B, T = 2, 90
-    seg = torch.stack([torch.arange(T) // 30, torch.arange(T) // 45]).to(device)
-    kpm = torch.rand(B, T, device=device) > 0.2
-    q, k, v = make_qkv(B=B, Hq=4, Hkv=2, Tq=T, D=24, dtype=torch.float16, device=device)
-    compare_with_reference(q, k, v, segment_ids=seg, window=(20, 0), key_padding_mask=kpm)
+    seg = torch.stack([torch.arange(T) // 30, torch.arange(T) // 45]).to(backend.device)
+    kpm = torch.rand(B, T, device=backend.device) > 0.2
+    q, k, v = make_qkv(B=B, Hq=4, Hkv=2, Tq=T, D=24, dtype=torch.float16, device=backend.device)
+    compare_with_reference(q, k, v, backend=backend, segment_ids=seg, window=(20, 0), key_padding_mask=kpm)
 
 
-def test_segment_ids_pair_for_cross_attention(device):
-    q, k, v = make_qkv(B=1, Hq=1, Tq=20, Tk=36, D=16, dtype=torch.float32, device=device)
-    q_seg = (torch.arange(20) // 10)[None].to(device)
-    kv_seg = (torch.arange(36) // 18)[None].to(device)
-    compare_with_reference(q, k, v, segment_ids=(q_seg, kv_seg))
+def test_segment_ids_random_causal(backend):
+    """Random sorted segment ids (some segments empty), causal, float32."""
+    q, k, v = make_qkv(B=2, Hq=2, Tq=50, D=16, dtype=torch.float32, device=backend.device)
+    seg = torch.randint(0, 3, (2, 50)).sort(-1).values.to(backend.device)
+    compare_with_reference(q, k, v, backend=backend, segment_ids=seg, causal=True)
+
+
+def test_segment_ids_pair_for_cross_attention(backend):
+    q, k, v = make_qkv(B=1, Hq=1, Tq=20, Tk=36, D=16, dtype=torch.float32, device=backend.device)
+    q_seg = (torch.arange(20) // 10)[None].to(backend.device)
+    kv_seg = (torch.arange(36) // 18)[None].to(backend.device)
+    compare_with_reference(q, k, v, backend=backend, segment_ids=(q_seg, kv_seg))
 
 
 def test_segment_ids_errors():

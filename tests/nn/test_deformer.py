@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from effattn.nn.deformer import CachedContext, ContextKey, DeFormerEncoder, EncoderLayer
+from effattn.testing import TOLERANCES
 
 D, H, FF = 16, 2, 32
 F64 = torch.float64
+
+# float64 throughout: the equalities below hold up to float64 rounding, the table's float64 rows
+CLOSE = dict(zip(("atol", "rtol"), TOLERANCES[torch.float64]["fwd"]))
+GRAD_CLOSE = dict(zip(("atol", "rtol"), TOLERANCES[torch.float64]["grad"]))
 
 
 def _model(n_layers=3, split=2, dtype=F64, **kw) -> DeFormerEncoder:
@@ -91,14 +96,14 @@ def test_packed_equals_separate_lower_then_joint_upper(split):
     B, Tq, Tc = 2, 21, 35  # segment boundary inside a 16-block: NONE, FULL and PARTIAL blocks
     q, c = _states(B, Tq, D), _states(B, Tc, D)
     out = enc(torch.cat([q, c], 1), _segments(B, Tq, Tc))
-    torch.testing.assert_close(out, _manual(enc, q, c), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, _manual(enc, q, c), **CLOSE)
     if split == 0:  # the plain joint encoder, whatever the segments
         x = torch.cat([q, c], 1)
         for layer in enc.layers:
             x = layer(x)
-        torch.testing.assert_close(out, x, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out, x, **CLOSE)
     if split == 3:  # fully separate encoding
-        torch.testing.assert_close(out, torch.cat([enc.lower(q), enc.lower(c)], 1), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out, torch.cat([enc.lower(q), enc.lower(c)], 1), **CLOSE)
     kinds = enc.segment_mask(_segments(B, Tq, Tc)).block_kinds()
     assert {0, 1, 2} <= set(kinds.unique().tolist())  # the kernel skips the cross-segment blocks
 
@@ -115,7 +120,7 @@ def test_lower_layers_decompose_any_segment_layout():
         for s in range(3):
             idx = (seg[b] == s).nonzero().squeeze(1)
             alone = enc.lower(x[b:b + 1, idx])
-            torch.testing.assert_close(out[b:b + 1, idx], alone, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(out[b:b + 1, idx], alone, **CLOSE)
 
 
 def test_key_padding_packed():
@@ -134,12 +139,12 @@ def test_key_padding_packed():
     for b in range(B):
         lq, lc = q_len[b], c_len[b]
         alone = enc(torch.cat([q[b:b + 1, :lq], c[b:b + 1, :lc]], 1), _segments(1, lq, lc))
-        torch.testing.assert_close(out[b:b + 1, :lq], alone[:, :lq], rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(out[b:b + 1, Tq:Tq + lc], alone[:, lq:], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[b:b + 1, :lq], alone[:, :lq], **CLOSE)
+        torch.testing.assert_close(out[b:b + 1, Tq:Tq + lc], alone[:, lq:], **CLOSE)
     key = enc.encode_context(c, cm)
     cached = enc.forward_question(q, key, question_padding_mask=qm)
-    torch.testing.assert_close(cached, out, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(cached, _manual(enc, q, c, qm, cm), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cached, out, **CLOSE)
+    torch.testing.assert_close(cached, _manual(enc, q, c, qm, cm), **CLOSE)
 
 
 def test_packed_gradients():
@@ -154,7 +159,7 @@ def test_packed_gradients():
     grads = torch.autograd.grad((out * w).sum(), [q, c, *params])
     ref = torch.autograd.grad((_manual(enc, q, c) * w).sum(), [q, c, *params])
     for (name, _), g, r in zip([("q", 0), ("c", 0), *enc.named_parameters()], grads, ref):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"grad of {name}: {m}")
+        torch.testing.assert_close(g, r, **GRAD_CLOSE, msg=lambda m, name=name: f"grad of {name}: {m}")
     assert all(g.abs().sum() > 0 for g in grads)
 
     enc_drop = _model(3, 2, dropout=0.2).train()
@@ -180,10 +185,10 @@ def test_cached_equals_packed_and_context_is_computed_once(context_batch):
         out = enc.forward_question(q, key)
         assert out.shape == (B, Tq + Tc, D)
         packed = enc(torch.cat([q, c.expand(B, -1, -1)], 1), _segments(B, Tq, Tc))
-        torch.testing.assert_close(out, packed, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out, packed, **CLOSE)
         assert enc.cache_info().hits == i + 1
     out = enc.forward_question(q, c)  # the states themselves: found in the cache by their bytes
-    torch.testing.assert_close(out, packed, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, packed, **CLOSE)
     assert enc.encode_context(c.clone()) == key
     info = enc.cache_info()
     assert (info.hits, info.misses, info.size) == (5, 1, 1)
@@ -204,7 +209,7 @@ def test_cache_key_and_invalidation():
     with torch.no_grad():  # an upper layer changes: still a hit, and the output follows the new weights
         enc.layers[2].linear1.weight.mul_(1.5)
     assert enc.encode_context(c) == key and enc.cache_info().hits == 1
-    torch.testing.assert_close(enc.forward_question(q, key), _manual(enc, q, c), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(enc.forward_question(q, key), _manual(enc, q, c), **CLOSE)
 
     version = enc.parameter_version
     with torch.no_grad():  # a lower layer changes in place: every entry is dropped
@@ -216,7 +221,7 @@ def test_cache_key_and_invalidation():
         enc.forward_question(q, key)
     key2 = enc.encode_context(c)
     assert key2 != key and key2.version == version + 1
-    torch.testing.assert_close(enc.forward_question(q, key2), _manual(enc, q, c), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(enc.forward_question(q, key2), _manual(enc, q, c), **CLOSE)
 
     enc.layers[0].qkv.weight.grad = torch.randn_like(enc.layers[0].qkv.weight)
     for change in (lambda: enc.train(),  # dropout modules switch mode
@@ -249,7 +254,7 @@ def test_context_id_and_lru_eviction():
     with pytest.raises(KeyError, match="evicted"):
         enc.forward_question(q, k1)
     for k, c in ((k0, ctx[0]), (k2, ctx[2])):
-        torch.testing.assert_close(enc.forward_question(q, k), _manual(enc, q, c), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(enc.forward_question(q, k), _manual(enc, q, c), **CLOSE)
 
 
 def test_upper_layers_read_the_cached_states():
@@ -264,7 +269,7 @@ def test_upper_layers_read_the_cached_states():
     after = enc.forward_question(q, key)
     assert (after[:, :8] - before[:, :8]).abs().amin(-1).gt(1e-6).all()
     joint = enc.upper(torch.cat([enc.lower(q), states.expand(2, -1, -1)], 1))
-    torch.testing.assert_close(after, joint, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(after, joint, **CLOSE)
     enc_sep = _model(2, 2)  # no upper layer: the question rows cannot see the context
     key = enc_sep.encode_context(c)
     before = enc_sep.forward_question(q, key)
@@ -287,9 +292,9 @@ def test_cached_mode_gradients_skip_the_context():
     assert c.grad is None
     packed = enc(torch.cat([q, c.expand(B, -1, -1)], 1), _segments(B, Tq, Tc))
     dq_ref, *d_upper_ref = torch.autograd.grad((packed * w).sum(), [q, *upper])
-    torch.testing.assert_close(dq, dq_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dq, dq_ref, **GRAD_CLOSE)
     for g, r in zip(d_upper, d_upper_ref):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(g, r, **GRAD_CLOSE)
     out.sum().backward()  # the lower layers get gradients through the question
     assert all(p.grad is not None for p in enc.lower_layers.parameters())
 
@@ -304,8 +309,9 @@ def test_triton_backend_interpreted():
     q, c = torch.randn(B, Tq, 32), torch.randn(B, Tc, 32)
     x, seg = torch.cat([q, c], 1), _segments(B, Tq, Tc)
     expected = ref(x, seg)
-    torch.testing.assert_close(tri(x, seg), expected, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(tri.forward_question(q, c), expected, atol=2e-5, rtol=2e-5)
+    atol, rtol = TOLERANCES[torch.float32]["fwd"]
+    torch.testing.assert_close(tri(x, seg), expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(tri.forward_question(q, c), expected, atol=atol, rtol=rtol)
 
 
 # ----------------------------------------------------------------------------------------------
