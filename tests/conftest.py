@@ -55,6 +55,7 @@ def _poison_outputs(monkeypatch):
     """Every output buffer of the kernels and the reference starts as NaN: unwritten elements fail."""
     for module in (flash_attn, block_sparse_attn, block_attn_map, reference, cuda_ops):
         monkeypatch.setattr(module, "_alloc", poisoned_empty)
+    monkeypatch.setattr("effattn.kernels.relpos_attn._alloc", poisoned_empty)
 
 
 def _target(request, monkeypatch):
@@ -83,3 +84,72 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# grids thinned on the Triton interpreter
+# ----------------------------------------------------------------------------------------------
+# The interpreter runs a Triton kernel as Python, thousands of times slower than the compiled kernel,
+# so a grid that sweeps a parameter densely (window edges, lengths, options) runs on it at the points
+# that exercise the kernel's own code paths (its block sizes of 16 and 32, ragged edges, each flag),
+# named beside the test with ``@pytest.mark.interpreter_subset(name=[values], ...)``. The compiled
+# backends (the C++ CPU kernels here, Triton and CUDA on a GPU) run every point. With
+# ``EFFATTN_FULL_GRIDS=1`` the interpreter runs every point too.
+_FULL_GRIDS = os.environ.get("EFFATTN_FULL_GRIDS", "") not in ("", "0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "interpreter_subset(**values): on the Triton interpreter, run only the grid points whose "
+                   "parameters take the listed values, or those of another such marker (every point elsewhere, "
+                   "or with EFFATTN_FULL_GRIDS=1)")
+
+
+def _on_interpreter(item) -> bool:
+    """Whether the item runs Triton kernels through the interpreter: a Triton target of the backend
+    fixtures with CPU tensors, a ``backend`` parameter naming Triton, or (no backend parameter) any test
+    while the interpreter is on."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    target = params.get("backend", params.get("any_backend"))
+    if target is None:
+        return True
+    if isinstance(target, str):  # a backend's name, on the test device (the CPU here)
+        return target == "triton"
+    return target.name == "triton" and target.device == "cpu"
+
+
+def _in_subset(item, subset: dict) -> bool:
+    params = item.callspec.params
+    for name, values in subset.items():
+        if name not in params:
+            raise pytest.UsageError(f"{item.nodeid}: interpreter_subset names {name!r}, not a parameter of the test")
+        if params[name] not in values:
+            return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect, on the interpreter, the points of a grid outside its ``interpreter_subset`` markers
+    (several markers: a point runs if it is in any of them)."""
+    if _FULL_GRIDS:
+        return
+    kept, thinned = [], []
+    for item in items:
+        subsets = [m.kwargs for m in item.iter_markers("interpreter_subset")]
+        if subsets and _on_interpreter(item) and not any(_in_subset(item, s) for s in subsets):
+            thinned.append(item)
+        else:
+            kept.append(item)
+    if thinned:
+        config.hook.pytest_deselected(items=thinned)
+        items[:] = kept
+        config._effattn_thinned = len(thinned)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = getattr(config, "_effattn_thinned", 0)
+    if n:
+        terminalreporter.write_line(f"effattn: {n} grid points left to the compiled backends on the Triton interpreter "
+                                    f"(interpreter_subset markers; EFFATTN_FULL_GRIDS=1 runs them)")

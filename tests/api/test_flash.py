@@ -17,11 +17,13 @@ from tests.helpers import compare_with_reference, make_qkv
 
 @pytest.mark.parametrize("T", [1, 17, 64, 128, 129])
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.interpreter_subset(T=[1, 17, 129])
 def test_seqlens(backend, T, causal):
     compare_with_reference(*make_qkv(Tq=T, D=64, device=backend.device), backend=backend, causal=causal)
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.interpreter_subset(causal=[])  # the compiled backends only: on the interpreter, T <= 300 walks every tile
 def test_seqlen_1000(backend, causal):
     compare_with_reference(*make_qkv(B=1, Hq=1, Tq=1000, D=64, device=backend.device), backend=backend,
                            causal=causal)
@@ -52,6 +54,8 @@ def test_dtypes(backend, dtype, causal, padding, D, Dv):
 @pytest.mark.parametrize("Tq,Tk", [(17, 100), (100, 17), (64, 1), (1, 64), (300, 1), (1, 300), (130, 33),
                                    (65, 129)])
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.interpreter_subset(Tq=[17, 100, 64, 1])
+@pytest.mark.interpreter_subset(Tq=[130], causal=[True])
 def test_unequal_lengths_bottom_right_causal(backend, Tq, Tk, causal):
     """Causal is aligned bottom-right; with Tq > Tk the first Tq - Tk rows see nothing (out 0)."""
     out, lse = compare_with_reference(*make_qkv(Tq=Tq, Tk=Tk, D=32, device=backend.device), backend=backend,
@@ -62,6 +66,7 @@ def test_unequal_lengths_bottom_right_causal(backend, Tq, Tk, causal):
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(4, 2), (6, 1), (8, 4)])
+@pytest.mark.interpreter_subset(Hq=[6])
 def test_gqa_mqa(backend, Hq, Hkv):
     compare_with_reference(*make_qkv(Hq=Hq, Hkv=Hkv, Tq=40, Tk=56, D=32, device=backend.device), backend=backend,
                            causal=True)
@@ -82,6 +87,7 @@ def test_gqa_grads_sum_over_group(backend):
 
 
 @pytest.mark.parametrize("window", [(8, 8), (0, 0), (20, None), (None, 5), (3, -1), (40, 100), (33, 7), (None, 70)])
+@pytest.mark.interpreter_subset(window=[(8, 8), (0, 0), (3, -1), (33, 7), (None, 70)])
 def test_sliding_window(backend, window):
     compare_with_reference(*make_qkv(Tq=70, Tk=90, D=32, device=backend.device), backend=backend, window=window)
 
@@ -173,6 +179,7 @@ def test_dropout_replay_and_seeds(backend):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.interpreter_subset(p=[0.1])
 def test_dropout_statistics(backend, p):
     """With v = identity-like one-hot values, out = the dropped, rescaled probabilities: check the
     kept fraction and that the expectation over seeds is the undropped output."""
@@ -201,6 +208,8 @@ _EDGES = [14, 15, 16, 17, 31, 33, 63, 64, 127]
 @pytest.mark.parametrize("Tq,Tk", [(150, 150), (100, 170), (170, 100)])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("w", _EDGES)
+@pytest.mark.interpreter_subset(w=[15, 17, 33])
+@pytest.mark.interpreter_subset(w=[16], side=["left"])
 def test_window_edges_sweep(backend, Tq, Tk, side, w):
     window = (w, None) if side == "left" else (None, w)
     compare_with_reference(*make_qkv(B=1, Hq=1, Tq=Tq, Tk=Tk, D=16, device=backend.device), backend=backend,

@@ -64,12 +64,17 @@ def test_every_gpu_config_is_correct(device, cls, fwd, bwd_kv, bwd_q):
     interpreter: the tile logic at real block sizes; on CUDA: also that each config compiles and runs)."""
     from tests.helpers import compare_with_reference, make_qkv
 
-    D = cls - cls // 4  # a non-power-of-two head dim inside the class (48, 96, 192, 384, 768, 1536)
+    D = cls // 2 + 8  # a non-power-of-two head dim inside the class (40, 72, 136, 264, 520, 1032)
     Dv = D if D <= fa.MAX_HEAD_DIM else 40  # wide classes: QK features only
     dtype = torch.float16 if D > TritonBackend.max_head_dim_qk_fp32 else torch.float32
+    # lengths from the config's largest tile: at least two tiles and a ragged one on each axis, every
+    # segment of the causal window walk (the window's left edge inside the keys); at most 150 x 200
+    tile = max(max(c[:2]) for c in (fwd, bwd_kv, bwd_q))
+    Tq = min(150, 2 * tile + 22)
+    Tk = Tq + 50
     with fa.forced_configs(fwd=fwd, bwd_kv=bwd_kv, bwd_q=bwd_q):
-        compare_with_reference(*make_qkv(B=1, Hq=2, Hkv=1, Tq=150, Tk=200, D=D, Dv=Dv, dtype=dtype, device=device),
-                               causal=True, window=(100, None))
+        compare_with_reference(*make_qkv(B=1, Hq=2, Hkv=1, Tq=Tq, Tk=Tk, D=D, Dv=Dv, dtype=dtype, device=device),
+                               causal=True, window=(Tk // 2, None))
 
 
 class _FakeKernel:
