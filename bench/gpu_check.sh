@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole check on a CUDA machine, in one command and within 10 minutes:
+# The check on a CUDA machine, in one command; the default parts take about 7 minutes:
 #
 #   bash bench/gpu_check.sh            # from anywhere; runs in the repository root
 #
@@ -13,10 +13,12 @@
 # 6. "ops": the h100-ops preset of `python -m bench` (pooled, sparse, Funnel layer, mask prediction),
 #    time-boxed, files ops.json, ops.md, ops_sparse.png;
 # 7. "cuda": the C++/CUDA extension: its build (sm_90 only unless EFFATTN_CUDA_ARCHS says otherwise),
-#    its tests on the GPU and compute-sanitizer over a few of them, logged to $OUT/tests_cuda_ext.log.
-# GPU_CHECK_PARTS (default "tests flash funnel sparse") picks the steps; they do not all fit one
-# 10-minute call: split them, e.g. "cuda tests" then "flash ops" (funnel and sparse: the sweeps of
-# those ops in depth; ops covers them more thinly).
+#    its tests on the GPU and compute-sanitizer over a few of them, logged to $OUT/tests_cuda_ext.log;
+# 8. "new": the tests of what has not yet run on a GPU besides the extension (the relative-position
+#    band kernels and the Funnel layer on them) on CUDA, logged to $OUT/tests_new.log.
+# GPU_CHECK_PARTS (default "cuda new funnel": what has never run on a GPU, about 7 minutes) picks the
+# steps; all of them do not fit one 10-minute call: split them, e.g. "tests" then "flash ops"
+# (funnel and sparse: the sweeps of those ops in depth; ops covers them more thinly).
 #
 # Uses the machine's own python, torch and triton (PYTHON overrides the interpreter); installs
 # nothing and needs no network. Output directory: $OUT, or bench/results when OUT is unset. It holds
@@ -40,10 +42,11 @@ BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-110}"
 FUNNEL_TIMEOUT_S="${FUNNEL_TIMEOUT_S:-100}"
 SPARSE_TIMEOUT_S="${SPARSE_TIMEOUT_S:-100}"
 OPS_TIMEOUT_S="${OPS_TIMEOUT_S:-180}"
-CUDA_TIMEOUT_S="${CUDA_TIMEOUT_S:-300}"
+CUDA_TIMEOUT_S="${CUDA_TIMEOUT_S:-200}"
+NEW_TIMEOUT_S="${NEW_TIMEOUT_S:-90}"
 export EFFATTN_CUDA_ARCHS="${EFFATTN_CUDA_ARCHS:-90}"  # the extension's build: this GPU's arch only
-PARTS="${GPU_CHECK_PARTS:-tests flash funnel sparse}"
-test_rc=0 bench_rc=0 funnel_rc=0 sparse_rc=0 ops_rc=0 cuda_rc=0
+PARTS="${GPU_CHECK_PARTS:-cuda new funnel}"
+test_rc=0 bench_rc=0 funnel_rc=0 sparse_rc=0 ops_rc=0 cuda_rc=0 new_rc=0
 KILL_AFTER_S=15
 mkdir -p "$OUT_DIR"
 
@@ -77,6 +80,14 @@ if [[ " $PARTS " == *" cuda "* ]]; then
     cuda_rc=${PIPESTATUS[0]}
 fi
 
+if [[ " $PARTS " == *" new "* ]]; then
+    echo "== tests of the relative-position band kernels and the Funnel layer on CUDA (at most ${NEW_TIMEOUT_S} s)"
+    EFFATTN_TEST_DEVICE=cuda EFFATTN_AUTOTUNE=0 timeout -k "$KILL_AFTER_S" "$NEW_TIMEOUT_S" \
+        "$PYTHON" -m pytest tests/kernels/test_relpos_attn.py tests/api/test_relpos.py tests/nn/test_funnel.py \
+        -q -n "${TEST_WORKERS:-16}" -p no:cacheprovider -rfs -W ignore 2>&1 | tee "$OUT_DIR/tests_new.log"
+    new_rc=${PIPESTATUS[0]}
+fi
+
 if [[ " $PARTS " == *" tests "* ]]; then
     echo "== tests on CUDA (at most ${TEST_TIMEOUT_S} s)"
     # EFFATTN_AUTOTUNE=0: one config per head-dim class (compile time stays bounded); every config of
@@ -102,7 +113,7 @@ if [[ " $PARTS " == *" funnel "* ]]; then
     echo "== Funnel benchmark (at most ${FUNNEL_TIMEOUT_S} s)"
     timeout -s INT -k "$KILL_AFTER_S" "$FUNNEL_TIMEOUT_S" \
         "$PYTHON" -m bench --preset h100-funnel --device cuda --out "$OUT_DIR" --stem funnel --no-plots \
-        --providers naive sdpa flex effattn effattn-prepool
+        --providers naive sdpa flex effattn effattn-prepool effattn-features
     funnel_rc=$?
     rm -f "$OUT_DIR/funnel.csv" "$OUT_DIR/funnel_summary.md"  # 8 files at most (funnel.md holds the summary)
 fi
@@ -127,8 +138,9 @@ if [[ " $PARTS " == *" ops "* ]]; then
 fi
 
 echo "== done: tests exit $test_rc, flash benchmark exit $bench_rc, Funnel benchmark exit $funnel_rc," \
-     "block-sparse benchmark exit $sparse_rc, ops benchmark exit $ops_rc, CUDA extension exit $cuda_rc;" \
+     "block-sparse benchmark exit $sparse_rc, ops benchmark exit $ops_rc, CUDA extension exit $cuda_rc," \
+     "new kernels' tests exit $new_rc;" \
      "files in $OUT_DIR:"
 ls -l "$OUT_DIR"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$funnel_rc" -eq 0 ] && [ "$sparse_rc" -eq 0 ] &&
-    [ "$ops_rc" -eq 0 ] && [ "$cuda_rc" -eq 0 ]
+    [ "$ops_rc" -eq 0 ] && [ "$cuda_rc" -eq 0 ] && [ "$new_rc" -eq 0 ]

@@ -294,12 +294,16 @@ class FunnelContext:
     fused_structure: torch.nn.Module
     attention_mask: torch.Tensor
     token_type_ids: torch.Tensor
+    fused_features: torch.nn.Module | None = None
 
-    def call(self, fused: bool):
-        """``x (B, T, d_model) -> (B, Tp, d_model)``: the pooling layer's attention, Hugging Face's or fused.
+    def call(self, fused: bool, route: str | None = None):
+        """``x (B, T, d_model) -> (B, Tp, d_model)``: the pooling layer's attention, Hugging Face's or fused
+        (``route``: None for the default, the relative-position band; "features" for the wide-feature route).
 
         Its ``params`` are the layer's weights: a backward computes their gradients too (a training step)."""
         layer, structure = (self.fused, self.fused_structure) if fused else (self.layer, self.structure)
+        if fused and route == "features":
+            layer = self.fused_features
         mask, types = self.attention_mask, self.token_type_ids
 
         def forward(x):
@@ -314,8 +318,9 @@ class FunnelContext:
 
 def funnel_layers(d_model: int, n_head: int, d_head: int, device, dtype,
                   attention_type: str = FUNNEL_TYPES[0]) -> tuple:
-    """``(layer, structure, fused layer, fused structure)``: Hugging Face's Funnel attention (block 1: the
-    first pooling layer; weights seeded, the same for both attention types) and effattn's patched copies."""
+    """``(layer, structure, fused layer, fused structure, fused layer on the features route)``: Hugging Face's
+    Funnel attention (block 1: the first pooling layer; weights seeded, the same for both attention types)
+    and effattn's patched copies."""
     from transformers import FunnelConfig
     from transformers.models.funnel import modeling_funnel as mf
 
@@ -331,10 +336,11 @@ def funnel_layers(d_model: int, n_head: int, d_head: int, device, dtype,
             p.copy_(torch.randn(p.shape, generator=gen) * FUNNEL_WEIGHT_STD)
     layer = layer.to(device, dtype).eval()
     fused = ef.patch(copy.deepcopy(layer))
+    fused_features = ef.patch(copy.deepcopy(layer), route="features")
     structure = mf.FunnelAttentionStructure(cfg).eval()
     fused_structure = copy.deepcopy(structure)
     fused_structure.__class__ = ef._fused()["structure"]
-    return layer, structure, fused, fused_structure
+    return layer, structure, fused, fused_structure, fused_features
 
 
 class FunnelOp(Op):
@@ -363,7 +369,9 @@ class FunnelOp(Op):
         types[:, T // 2:] = 1
         layers = funnel_layers(self.d_model(case), case.heads_q, case.headdim, case.device, dtype,
                                attention_type=case.pattern or FUNNEL_TYPES[0])
-        return FunnelContext(*layers, attention_mask=mask, token_type_ids=types)
+        layer, structure, fused, fused_structure, fused_features = layers
+        return FunnelContext(layer, structure, fused, fused_structure, attention_mask=mask, token_type_ids=types,
+                             fused_features=fused_features)
 
     def cost(self, case, context):
         B, T, d = case.batch, case.seqlen_q, self.d_model(case)

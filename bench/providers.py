@@ -17,8 +17,9 @@ What each provider does per op:
 * ``sdpa*``, ``flex``: pooled: q pooled in PyTorch first; sparse: SDPA with the expanded boolean mask,
   FlexAttention with the same mask converted (``BlockMask.to_flex``).
 * ``effattn*``: ``flash_attention``, ``pooled_attention`` (pooling inside the kernel),
-  ``sparse_attention``, the fused Funnel layer (``effattn.integrations.funnel``);
-  ``effattn-prepool``: pooled with q pooled in PyTorch first, then ``flash_attention``.
+  ``sparse_attention``, the fused Funnel layer (``effattn.integrations.funnel``: the relative-position
+  band kernel); ``effattn-prepool``: pooled with q pooled in PyTorch first, then ``flash_attention``;
+  ``effattn-features``: the fused Funnel layer with the position term as ``d_model`` extra q/k features.
 * ``gate``, ``sparsefinder``: ``effattn.sparsity``'s predictors (untrained weights, seeded: the cost of
   a prediction does not depend on training).
 
@@ -389,6 +390,22 @@ class EffattnProvider(Provider):
         return functools.partial(effattn.flash_attention, causal=case.causal, scale=scale, backend=self.backend)
 
 
+class EffattnFeaturesProvider(Provider):
+    """The fused Funnel layer on its other route: the relative-position term as ``d_model`` extra q/k features
+    of one flash attention call (``effattn.integrations.funnel.patch(..., route="features")``)."""
+
+    name = "effattn-features"
+    description = ("funnel: the fused layer with the position term as d_model extra q/k features (the route "
+                   "before the relative-position band kernel), automatic backend")
+    ops = ("funnel",)
+
+    def not_supported_reasons(self, case, requested=False):
+        return _import_reasons("effattn") + _import_reasons("transformers")
+
+    def build(self, case, context=None, sample=None):
+        return context.call(fused=True, route="features")
+
+
 class EffattnPrepoolProvider(Provider):
     """Pooled attention the way it is done without a pooling kernel: q pooled in PyTorch, then effattn's flash."""
 
@@ -469,6 +486,7 @@ PROVIDERS: dict[str, Provider] = {
         EffattnProvider("cuda"),
         EffattnProvider("cpp"),
         EffattnPrepoolProvider(),
+        EffattnFeaturesProvider(),
         PredictorProvider("gate"),
         PredictorProvider("sparsefinder"),
     )

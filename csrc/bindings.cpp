@@ -10,7 +10,9 @@
 #include <string>
 
 #include "common/params.h"
+#include "common/philox.h"
 #include "cpu/attn_cpu.h"
+#include "cpu/relpos_tiled.h"
 #include "cpu/simd.h"
 #ifdef EFFATTN_WITH_CUDA
 #include "cuda/launch.h"
@@ -107,6 +109,7 @@ PYBIND11_MODULE(_C, m) {
       EA_FIELD(q_partial) EA_FIELD(q_full) EA_FIELD(rule_window_left) EA_FIELD(rule_window_right)
       EA_FIELD(rule_diag_offset) EA_FIELD(rule_n_global) EA_FIELD(q_seg) EA_FIELD(kv_seg)
       EA_FIELD(q_seg_sb) EA_FIELD(q_seg_st) EA_FIELD(kv_seg_sb) EA_FIELD(kv_seg_st)
+      EA_FIELD(dropout_p) EA_FIELD(seed)
       EA_FIELD(stream) EA_FIELD(device) EA_FIELD(tile_m) EA_FIELD(tile_n) EA_FIELD(num_threads);
 #undef EA_FIELD
 
@@ -125,9 +128,29 @@ PYBIND11_MODULE(_C, m) {
       "Micro-kernels of the C++ CPU implementation: 'auto' (the best this CPU supports), 'avx512', 'avx2' or "
       "'portable'; ValueError if this CPU or build cannot run it. The initial choice is $EFFATTN_CPU_ISA, else auto.");
   m.def("cpu_isa", [] { return std::string(cpu::isa_name()); }, "Micro-kernels the C++ CPU implementation uses.");
+  m.def("cpu_philox", &philox_first, py::arg("seed"), py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
+        "First 32-bit word of Philox-4x32-10 keyed by seed on counters (c0, c1, c2, c3): the dropout draws "
+        "(common/philox.h), as effattn.reference.philox_randint.");
   m.def("cuda_forward", &run_cuda_forward, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "CUDA attention forward on params.stream: writes out and lse.");
   m.def("cuda_backward", &run_cuda_backward, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "CUDA attention backward on params.stream: writes delta, dq, dk, dv.");
   m.def("cuda_device_count", &device_count, "CUDA devices visible to the extension's runtime.");
+
+  // ---- relative-position ("band") attention on the CPU: csrc/cpu/relpos_tiled.h ----
+  {
+#define EA_RP(name) .def_readwrite(#name, &cpu::RelposParams::name)
+    py::class_<cpu::RelposParams>(m, "RelposParams")
+        .def(py::init<>())
+        EA_RP(q) EA_RP(k) EA_RP(v) EA_RP(qr) EA_RP(R) EA_RP(tt) EA_RP(q_types) EA_RP(k_types) EA_RP(kpm)
+        EA_RP(sq) EA_RP(sk) EA_RP(sv) EA_RP(sqr) EA_RP(sR) EA_RP(stt) EA_RP(o) EA_RP(lse) EA_RP(so)
+        EA_RP(dout) EA_RP(delta) EA_RP(dq) EA_RP(dk) EA_RP(dv) EA_RP(dqr) EA_RP(dR) EA_RP(dtt) EA_RP(sdo)
+        EA_RP(B) EA_RP(Hq) EA_RP(Hkv) EA_RP(Tq) EA_RP(Tk) EA_RP(NR) EA_RP(D) EA_RP(Dv) EA_RP(dtype) EA_RP(scale)
+        EA_RP(rel_stride) EA_RP(separate_cls) EA_RP(cls_type) EA_RP(tile_m) EA_RP(tile_n) EA_RP(num_threads);
+#undef EA_RP
+    m.def("cpu_relpos_forward", &cpu::relpos_forward, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
+          "C++ CPU relative-position attention forward: writes out and lse.");
+    m.def("cpu_relpos_backward", &cpu::relpos_backward, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
+          "C++ CPU relative-position attention backward: writes dq, dk, dv, dqr, dR (batch-summed), dtt.");
+  }
 }

@@ -7,6 +7,8 @@ Public API:
 * :func:`scaled_dot_product_attention` — drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 * :func:`pooled_attention` — Funnel-Transformer attention with queries pooled inside the kernel;
   :func:`pooled_positions`, :func:`pool_key_padding_mask` for the pooled sequence.
+* :func:`relpos_attention` — attention with a relative-position table and token-type term (Funnel's
+  score), the position term computed per tile from a band of the table.
 * :func:`sparse_attention` with a :class:`BlockMask` — block-sparse attention (kept blocks only).
 * :mod:`effattn.reference` — the reference implementation every backend is tested against.
 * ``python -m effattn.info`` — which backends run on this machine, and why not.
@@ -50,6 +52,7 @@ from effattn.backends import BACKENDS, UnsupportedInputError, get_backend, selec
 from effattn.block_mask import BlockMask, MaskRule  # noqa: E402
 from effattn.flash import flash_attention, scaled_dot_product_attention  # noqa: E402
 from effattn.pooled import QueryPool, pool_key_padding_mask, pooled_attention, pooled_positions  # noqa: E402
+from effattn.relpos import relpos_attention  # noqa: E402
 from effattn.sparse import sparse_attention  # noqa: E402
 
 __version__ = "0.1.0"
@@ -65,6 +68,7 @@ __all__ = [
     "pool_key_padding_mask",
     "pooled_attention",
     "pooled_positions",
+    "relpos_attention",
     "scaled_dot_product_attention",
     "select_backend",
     "sparse_attention",

@@ -34,7 +34,7 @@ CSRC = os.path.join(ROOT, "csrc")
 MODULE = "_C"
 DEFAULT_ARCHS = "80;90"
 CXX_SOURCES = ("bindings.cpp", "cpu/attn_cpu.cpp", "cpu/attn_tiled.cpp", "cpu/thread_pool.cpp",
-               "cpu/simd_portable.cpp", "cpu/simd_avx2.cpp", "cpu/simd_avx512.cpp")
+               "cpu/relpos_tiled.cpp", "cpu/simd_portable.cpp", "cpu/simd_avx2.cpp", "cpu/simd_avx512.cpp")
 # Flags of the CPU micro-kernels compiled once per instruction set (x86-64 only; the run-time choice is in
 # csrc/cpu/simd_portable.cpp); -ffp-contract=fast lets a * b + c become one FMA in all of them.
 X86_ISA_FLAGS = {
@@ -44,9 +44,9 @@ X86_ISA_FLAGS = {
 SIMD_FLAGS = ("-ffp-contract=fast",)
 CUDA_SOURCES = ("cuda/launch.cu", "cuda/flash_fwd_hdim64.cu", "cuda/flash_fwd_hdim128.cu",
                 "cuda/flash_bwd_hdim64.cu", "cuda/flash_bwd_hdim128.cu")
-HEADERS = ("common/params.h", "common/attn_rules.h", "common/check.h", "cpu/attn_cpu.h", "cpu/attn_tiled.h",
-           "cpu/simd.h", "cpu/simd_kernels.inc", "cpu/thread_pool.h", "cuda/launch.h",
-           "cuda/flash_kernels.cuh", "cuda/mma.cuh", "cuda/cuda_check.cuh")
+HEADERS = ("common/params.h", "common/attn_rules.h", "common/check.h", "common/philox.h", "cpu/attn_cpu.h",
+           "cpu/attn_tiled.h", "cpu/relpos_tiled.h", "cpu/host_types.h", "cpu/simd.h", "cpu/simd_kernels.inc",
+           "cpu/thread_pool.h", "cuda/launch.h", "cuda/flash_kernels.cuh", "cuda/mma.cuh", "cuda/cuda_check.cuh")
 WARNING_FLAGS = ("-Wall", "-Wextra")
 
 

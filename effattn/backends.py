@@ -87,6 +87,22 @@ class Backend(abc.ABC):
     def sparse_backward(self, dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask, *, scale):
         """``(dq, dk, dv)`` of :meth:`sparse_forward` (``dlse``: gradient of lse, or None)."""
 
+    # -- relative-position ("band") attention, effattn.relpos_attention: optional --
+    def relpos_reasons(self, call: AttentionCall) -> list[str]:
+        """Why this backend cannot run relative-position attention on ``call`` (on top of
+        :meth:`not_supported_reasons`); a backend without it says so."""
+        return [f"relative-position attention is not implemented in the {self.name} backend"]
+
+    def relpos_forward(self, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, **kw):
+        """``(out, lse)`` of :func:`effattn.reference.relpos_attention` (``kw``: rel_stride,
+        separate_cls, cls_type, scale, dropout_p, seed)."""
+        raise NotImplementedError(self.relpos_reasons(None)[0])
+
+    def relpos_backward(self, dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, **kw):
+        """``(dq, dk, dv, dqr, dR, dtt)`` of :meth:`relpos_forward` (dR summed over the batch, dtt None
+        without tt)."""
+        raise NotImplementedError(self.relpos_reasons(None)[0])
+
 
 def _grid_reasons(call: AttentionCall, most: int) -> list[str]:
     if max(call.batch, call.heads) > most:
@@ -132,6 +148,17 @@ class ReferenceBackend(Backend):
     def sparse_backward(self, dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask, *, scale):
         return reference.sparse_attention_backward(dout, q, k, v, out, lse, dlse,
                                                    _visible_rows(block_mask, key_padding_mask), scale=scale)
+
+    def relpos_reasons(self, call):
+        return []
+
+    def relpos_forward(self, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, **kw):
+        return reference.relpos_attention(q, k, v, qr, R, tt=tt, q_types=q_types, k_types=k_types,
+                                          key_padding_mask=key_padding_mask, **kw)
+
+    def relpos_backward(self, dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, **kw):
+        from effattn.relpos import reference_backward  # the chunked backward, written out
+        return reference_backward(dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, **kw)
 
 
 class TritonBackend(Backend):
@@ -210,6 +237,35 @@ class TritonBackend(Backend):
         return block_sparse_attn.sparse_attn_backward(dout, q, k, v, out, lse, block_mask, key_padding_mask,
                                                       dlse=dlse, scale=scale)
 
+    @functools.cached_property
+    def _relpos_kernels(self):
+        try:
+            from effattn.kernels import relpos_attn
+        except Exception as e:  # the file is optional: no kernel, a reason
+            return f"the relative-position Triton kernels cannot be imported ({type(e).__name__}: {e})"
+        missing = [n for n in ("relpos_attn_forward", "relpos_attn_backward") if not hasattr(relpos_attn, n)]
+        return f"kernels/relpos_attn.py lacks {', '.join(missing)}" if missing else relpos_attn
+
+    def relpos_reasons(self, call):
+        kernels = self._relpos_kernels
+        if isinstance(kernels, str):
+            return [kernels]
+        reasons = []
+        dtypes = getattr(kernels, "SUPPORTED_DTYPES", self.dtypes)
+        if call is not None and call.dtype not in dtypes:
+            reasons.append(f"dtype {call.dtype} not supported by the relative-position kernels")
+        most = getattr(kernels, "MAX_HEAD_DIM", None)
+        if call is not None and most is not None and max(call.head_dim_qk, call.head_dim_v) > most:
+            reasons.append(f"head dims above {most} are not supported by the relative-position kernels")
+        return reasons
+
+    def relpos_forward(self, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, **kw):
+        return self._relpos_kernels.relpos_attn_forward(q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, **kw)
+
+    def relpos_backward(self, dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, **kw):
+        return self._relpos_kernels.relpos_attn_backward(dout, q, k, v, qr, R, tt, q_types, k_types,
+                                                         key_padding_mask, out, lse, dlse, **kw)
+
 
 class _ExtensionBackend(Backend):
     """Common part of the backends of the compiled extension (``csrc/``, loaded by :mod:`effattn._ext`).
@@ -238,8 +294,6 @@ class _ExtensionBackend(Backend):
         if call.dtype not in self.dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             reasons.append(f"dtype {call.dtype} not supported ({names})")
-        if call.dropout:
-            reasons.append("dropout is not implemented in the extension's kernels")
         if max(call.Tq, call.Tk) > limits.EXT_MAX_LEN:
             reasons.append("sequence lengths must be below 2**31")
         return reasons + _pool_reasons(call)
@@ -299,6 +353,8 @@ class CudaBackend(_ExtensionBackend):
         reasons = super().not_supported_reasons(call, forced)
         if call.device.type == "cuda":
             reasons += self._device_reasons()
+        if call.dropout:
+            reasons.append("dropout is not implemented in the CUDA kernels")
         for what, d in (("q/k", call.head_dim_qk), ("v", call.head_dim_v)):
             if d > self.max_head_dim:
                 reasons.append(f"head dim of {what} is {d}, more than {self.max_head_dim} (the CUDA kernels pad "
@@ -319,15 +375,40 @@ class CppBackend(_ExtensionBackend):
 
     def not_supported_reasons(self, call, forced=False):
         reasons = super().not_supported_reasons(call, forced)
+        if call.dropout and max(call.Tq, call.Tk) > limits.DROPOUT_MAX_LEN:
+            reasons.append("dropout needs sequence lengths below 2**32 (32-bit Philox counters)")
         if call.dtype == torch.float64 and not forced:
             # a scalar, single-threaded path (kept for the twin's tests): float64 goes to the reference
             reasons.append("float64 runs the reference unless backend='cpp' is named")
         return reasons
 
+    # -- relative-position attention (csrc/cpu/relpos_tiled.cpp) --
+    def relpos_reasons(self, call):
+        if call is not None and call.dtype == torch.float64:
+            return ["float64 is not implemented in the C++ relative-position kernel (the reference runs it)"]
+        if call is not None and call.dropout:
+            return ["dropout is not implemented in the C++ relative-position kernel"]
+        return []
+
+    def relpos_forward(self, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, *, dropout_p=0.0, seed=0,
+                       **kw):
+        if dropout_p:
+            raise ValueError("the C++ relative-position kernel has no dropout")
+        from effattn import relpos_cpu
+        return relpos_cpu.relpos_forward(q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, **kw)
+
+    def relpos_backward(self, dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, *,
+                        dropout_p=0.0, seed=0, **kw):
+        if dropout_p:
+            raise ValueError("the C++ relative-position kernel has no dropout")
+        from effattn import relpos_cpu
+        return relpos_cpu.relpos_backward(dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse,
+                                          dlse, **kw)
+
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), ReferenceBackend(), CudaBackend(), CppBackend())}
-# CUDA tensors -> Triton, CPU tensors -> the C++ kernels, the reference last (float64, dropout on CPU, and
-# whatever the others decline). The CUDA C++ kernels run only when named (argument or EFFATTN_BACKEND)
+# CUDA tensors -> Triton, CPU tensors -> the C++ kernels, the reference last (float64 and whatever the others
+# decline). The CUDA C++ kernels run only when named (argument or EFFATTN_BACKEND)
 # until they have been checked on a GPU.
 AUTO_ORDER = ("triton", "cpp", "reference")
 
@@ -339,21 +420,28 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}") from None
 
 
-def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
-    """The backend to run ``call``: the named one (argument, else ``EFFATTN_BACKEND``), else the first that fits."""
+def _reasons(b: Backend, call: AttentionCall, forced: bool, relpos: bool) -> list[str]:
+    reasons = b.not_supported_reasons(call, forced=forced)
+    return reasons + b.relpos_reasons(call) if relpos else reasons
+
+
+def select_backend(call: AttentionCall, backend: str | None = None, *, relpos: bool = False) -> Backend:
+    """The backend to run ``call``: the named one (argument, else ``EFFATTN_BACKEND``), else the first that fits.
+    ``relpos``: a relative-position attention call (:func:`effattn.relpos_attention`), which also needs the
+    backend's :meth:`Backend.relpos_reasons` to be empty."""
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
     name = backend if backend is not None else os.environ.get(ENV_BACKEND, "")
     if name not in AUTO:
         chosen = get_backend(name)
-        reasons = chosen.not_supported_reasons(call, forced=True)
+        reasons = _reasons(chosen, call, True, relpos)
         if reasons:
             source = "backend" if backend is not None else ENV_BACKEND
             raise UnsupportedInputError(f"{source}={name!r} cannot run this input: " + "; ".join(reasons))
         return chosen
     why = {}
     for candidate in AUTO_ORDER:
-        reasons = BACKENDS[candidate].not_supported_reasons(call)
+        reasons = _reasons(BACKENDS[candidate], call, False, relpos)
         if not reasons:
             return BACKENDS[candidate]
         why[candidate] = reasons

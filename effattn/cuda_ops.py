@@ -9,7 +9,8 @@ lists): a raw-pointer launcher must never read outside its tensors. Outputs come
 Semantics are those of :mod:`effattn.reference` (same arguments as the Triton launchers of
 ``effattn.kernels.flash_attn`` / ``block_sparse_attn``): ``lse`` is the natural-log log-sum-exp,
 ``-inf`` (and output 0) for a row with no visible key; query pooling follows :class:`QueryPool`.
-Dropout is not implemented in the extension: the backends decline it.
+Dropout (dense and pooled attention) runs in the C++ CPU implementation, with the Philox draws of
+:func:`effattn.reference.dropout_keep` (``csrc/common/philox.h``); the CUDA kernels do not implement it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from effattn import _ext, limits
-from effattn.reference import QueryPool, compute_dtype
+from effattn.reference import DROPOUT_BITS, QueryPool, compute_dtype, dropout_threshold
 
 # Every output buffer comes from here (tests swap in a NaN-filling allocator).
 _alloc = torch.empty
@@ -131,22 +132,35 @@ def _run(ext, kind: str, direction: str, p) -> None:
     fn(p)
 
 
-def _kwargs_ok(dropout_p: float) -> None:
-    if dropout_p:
-        _fail("dropout is not implemented in the extension's kernels (use backend='triton' or 'reference')")
+SEED_LIMIT = 2**64  # the Philox key: two 32-bit words
+
+
+def _set_dropout(p, kind: str, dropout_p, seed) -> None:
+    """Dropout on the probabilities (C++ CPU implementation only), keyed by ``seed``."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"effattn extension launcher: dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not dropout_p:
+        return
+    if kind == "cuda":
+        _fail("dropout is not implemented in the CUDA kernels (use backend='triton' or 'reference')")
+    if not 0.0 < dropout_p < 1.0 or dropout_threshold(dropout_p) >= 1 << DROPOUT_BITS:
+        _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        _fail(f"seed must be an int in [0, 2**64), got {seed!r}")
+    p.dropout_p, p.seed = float(dropout_p), seed
 
 
 # ----------------------------------------------------------------------------------------------
 # dense and pooled attention
 # ----------------------------------------------------------------------------------------------
-def _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, pool):
+def _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed, pool):
     """Checks and launch parameters shared by :func:`attn_forward` and :func:`attn_backward`:
     ``(ext, kind, params, keep)``, ``keep`` holding the tensors ``params`` points into."""
     kind = _device_kind(q)
     _check_qkv(q, k, v, kind)
-    _kwargs_ok(dropout_p)
     ext = _ext.load()
     p = _params(ext, q, k, v, scale=scale, kind=kind)
+    _set_dropout(p, kind, dropout_p, seed)
     _set_pool(p, pool, q.shape[2])
     p.window_left, p.window_right, p.diag_offset = int(window_left), int(window_right), int(diag_offset)
     keep: list[torch.Tensor] = []
@@ -162,10 +176,11 @@ def attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     q ``(B, Hq, T, Dqk)``, k ``(B, Hkv, Tk, Dqk)``, v ``(B, Hkv, Tk, Dv)``, any strides; mask None or
     bool/float broadcastable to ``(B, Hq, Tq, Tk)``; with ``pool`` the queries are pooled on load and
     ``Tq = pool.pooled_len(T)``. Returns ``out (B, Hq, Tq, Dv)`` (q's dtype) and ``lse (B, Hq, Tq)``
-    (float32, float64 for float64 inputs).
+    (float32, float64 for float64 inputs). ``dropout_p`` > 0 (CPU tensors only) drops probabilities with
+    the Philox draws of ``seed``.
     """
-    del seed
-    ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, pool)
+    ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed,
+                                       pool)
     return _forward(ext, kind, p, q, keep)
 
 
@@ -187,9 +202,9 @@ def attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   seed: int = 0, pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` (like q, k, v) of :func:`attn_forward`, given ``dout (B, Hq, Tq, Dv)``, the
     forward's ``out`` and ``lse`` and optionally ``dlse (B, Hq, Tq)``. With ``pool``, dq is the gradient of
-    the unpooled q (rows that feed no pooled row get 0)."""
-    del seed
-    ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, pool)
+    the unpooled q (rows that feed no pooled row get 0). ``dropout_p`` and ``seed`` as given to the forward."""
+    ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed,
+                                       pool)
     return _backward(ext, kind, p, dout, q, k, v, out, lse, dlse, pool, keep)
 
 

@@ -35,8 +35,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from effattn import timing as _timing
 
-__all__ = ["AttentionCost", "Ceilings", "Measurement", "attention_cost", "attention_flops", "count_flops", "kept_pairs",
-           "measure", "measure_ceilings", "roofline_plot", "visible_pairs"]
+__all__ = ["AttentionCost", "Ceilings", "Measurement", "attention_cost", "attention_flops", "count_flops",
+           "funnel_layer_flops", "kept_pairs", "measure", "measure_ceilings", "relpos_band_products", "relpos_flops",
+           "roofline_plot", "visible_pairs"]
 
 LSE_BYTES = 4  # lse and delta are float32 rows
 
@@ -113,6 +114,71 @@ def kept_pairs(block_mask) -> torch.Tensor:
         pairs = ((cols[idx.cpu().to(torch.int64)] * listed).sum(-1) * rows).sum(-1)
         total = pairs if total is None else total + pairs
     return total
+
+
+# ----------------------------------------------------------------------------------------------
+# relative-position attention and Funnel's attention layer
+# ----------------------------------------------------------------------------------------------
+RELPOS_TILE = (32, 128)  # (query rows, keys) of a tile of the C++ CPU kernel (effattn.relpos_cpu.CPU_TILE)
+
+
+def relpos_band_products(Tq: int, Tk: int, rel_stride: int, tile: tuple[int, int] = RELPOS_TILE) -> int:
+    """(query row, table row) products of the band GEMMs per (batch, head): every tile of ``rows`` queries
+    and ``cols`` keys multiplies its rows with ``rel_stride * (rows - 1) + cols`` table rows."""
+    bm, bn = tile
+    rows = [min(bm, Tq - m) for m in range(0, Tq, bm)]
+    n_key_tiles = -(-Tk // bn)
+    return sum(r * (rel_stride * (r - 1) * n_key_tiles + Tk) for r in rows)
+
+
+def relpos_flops(batch: int, heads: int, Tq: int, Tk: int, head_dim_qk: int, head_dim_v: int, rel_stride: int = 1,
+                 backward: bool = False, tile: tuple[int, int] = RELPOS_TILE) -> int:
+    """FLOPs of :func:`effattn.relpos_attention`: the content GEMMs of :func:`attention_flops` over all
+    ``Tq x Tk`` pairs plus the band GEMMs of the position term (:func:`relpos_band_products`, D wide):
+    one forward (``qr R_band^T``), three backward (recomputed, ``dqr = dP R_band``, ``dR += dP^T qr``)."""
+    pairs = batch * heads * Tq * Tk
+    band = batch * heads * relpos_band_products(Tq, Tk, rel_stride, tile) * head_dim_qk
+    return attention_flops(pairs, head_dim_qk, head_dim_v, backward) + 2 * band * (3 if backward else 1)
+
+
+def funnel_layer_flops(*, batch: int, Tq: int, Tk: int, d_model: int, n_head: int, d_head: int, impl: str,
+                       rel_stride: int = 1, rel_len: int | None = None, token_types: bool = True,
+                       backward: bool = False) -> int:
+    """Matmul FLOPs of one Funnel attention layer (projections, scores, output projection), in the
+    counting of ``torch.utils.flop_counter`` (``2 m k n`` per matmul; elementwise work uncounted).
+
+    ``impl``: ``"band"`` (effattn's fused layer, :func:`relpos_flops`), ``"features"`` (the position
+    and token-type terms as ``d_model + n_types + 2`` extra QK features of one flash attention call;
+    ``n_types = 2`` non-[cls] types), or Hugging Face's eager layer, ``"relative_shift"`` (``rel_len``:
+    rows of its relative position embedding, ``position_embeds[...].shape[0]``, e.g. ``2 T`` for a
+    layer of block 0) or ``"factorized"`` (its four ``Tq x Tk x d_model`` einsums). Eager layers:
+    forward only (``backward`` is for the fused routes: the flash/relpos backward, plus twice each
+    projection's forward).
+    """
+    H, Dh = n_head, d_head
+    proj = 2 * batch * (Tq * d_model * H * Dh * 2 + Tk * d_model * H * Dh * 2)  # q, post_proj; k, v
+    tt = 2 * batch * Tq * H * Dh * 2 if token_types else 0  # (q + r_s_bias) . seg_embed
+    if impl == "band":
+        table = 2 * (rel_stride * (Tq - 1) + Tk) * d_model * H * Dh  # R = pe @ r_kernel
+        attn = relpos_flops(batch, H, Tq, Tk, Dh, Dh, rel_stride, backward=backward)
+        return attn + (2 * (proj + tt + table) if backward else proj + tt + table)
+    if impl == "features":
+        extra = d_model + (4 if token_types else 0)
+        coef = 2 * batch * Tq * H * Dh * d_model  # c = (q + r_r_bias) r_kernel
+        attn = attention_flops(batch * H * Tq * Tk, Dh + extra, Dh, backward=backward)
+        return attn + (2 * (proj + tt + coef) if backward else proj + tt + coef)
+    if backward:
+        raise ValueError("funnel_layer_flops: the eager layers are counted forward only")
+    content = 2 * batch * H * Tq * Tk * Dh * 2  # (q + r_w_bias) k^T and P v
+    if impl == "relative_shift":
+        if rel_len is None:
+            raise ValueError("funnel_layer_flops: impl='relative_shift' needs rel_len")
+        pos = 2 * rel_len * d_model * H * Dh + 2 * batch * H * Tq * rel_len * Dh
+    elif impl == "factorized":
+        pos = 2 * batch * Tq * H * Dh * d_model + 2 * (2 * batch * H * Tq * Tk * d_model)
+    else:
+        raise ValueError(f"impl must be 'band', 'features', 'relative_shift' or 'factorized', got {impl!r}")
+    return proj + tt + content + pos
 
 
 # ----------------------------------------------------------------------------------------------

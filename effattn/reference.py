@@ -54,6 +54,7 @@ __all__ = [
     "pool_queries",
     "pool_queries_backward",
     "pooled_positions",
+    "relpos_attention",
     "sparse_attention_backward",
     "sparse_attention_forward",
 ]
@@ -450,6 +451,87 @@ def sparse_attention_backward(dout, q, k, v, out, lse, dlse, visible_rows, *, sc
         dk += dk_c
         dv += dv_c
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# relative-position ("band") attention: Funnel-Transformer's score as one op
+# ----------------------------------------------------------------------------------------------
+def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: torch.Tensor, R: torch.Tensor, *,
+                     scale: float, rel_stride: int = 1, separate_cls: bool = False, tt: torch.Tensor | None = None,
+                     q_types: torch.Tensor | None = None, k_types: torch.Tensor | None = None, cls_type: int = 2,
+                     key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with a relative-position term read from a table and a per-pair token-type term.
+
+    The oracle of :func:`effattn.relpos_attention` (and of its kernels); differentiable by autograd in
+    every tensor argument. Per batch ``b``, query head ``h`` (KV head ``h // (Hq // Hkv)``), query row
+    ``i`` and key ``j``::
+
+        t(i, j)  = rel_stride * i - j + (Tk - 1)                  # row of the position table R
+        extra    = not (separate_cls and (i == 0 or j == 0))      # the [cls] row/column: content only
+        pos(i,j) = qr[b, h, i] . R[h, t(i, j)]                     if extra else 0
+        same     = q_types[b, i] == k_types[b, j] or either equals cls_type
+        typ(i,j) = tt[b, h, i, 1 if same else 0]                   if extra and tt is given else 0
+        s(i, j)  = scale * (q[b, h, i] . k[b, hk, j] + pos + typ)  (-inf where key_padding_mask[b, j] is False)
+        out      = softmax_j(s) @ v,   lse = logsumexp_j(s)
+
+    A row that sees no key gets ``out = 0`` and ``lse = -inf`` (and zero gradients). Dropout, when
+    ``dropout_p > 0``, drops probabilities exactly as :func:`attention_forward` does (same Philox bits
+    from ``seed``).
+
+    Args:
+        q: ``(B, Hq, Tq, D)``; k: ``(B, Hkv, Tk, D)``; v: ``(B, Hkv, Tk, Dv)``; qr: ``(B, Hq, Tq, D)``.
+        R: ``(Hq, NR, D)`` with ``NR == rel_stride * (Tq - 1) + Tk`` (row ``t`` is key-unit distance
+            ``t - (Tk - 1)``). tt: ``(B, Hq, Tq, 2)`` or None; q_types ``(B, Tq)``, k_types ``(B, Tk)``
+            integer, required with ``tt``. key_padding_mask: ``(B, Tk)`` bool (True = keep) or None.
+    Returns:
+        ``out (B, Hq, Tq, Dv)`` in q's dtype and ``lse (B, Hq, Tq)`` in :func:`compute_dtype`. Computed by
+        query chunks (at most ``CHUNK_ELEMENTS`` scores, and the table rows the chunk reads, at once).
+    """
+    out_dtype = q.dtype
+    cdt = compute_dtype(q.dtype)
+    B, Hq, Tq, _ = q.shape
+    n_kv, Tk = k.shape[1], k.shape[2]
+    G = Hq // n_kv
+    if Tq == 0 or Tk == 0:
+        out = torch.zeros(B, Hq, Tq, v.shape[3], dtype=out_dtype, device=q.device) + 0 * v.sum() + 0 * q.sum()
+        return out, torch.full((B, Hq, Tq), float("-inf"), dtype=cdt, device=q.device)
+    kc = k.to(cdt).repeat_interleave(G, dim=1)
+    vc = v.to(cdt).repeat_interleave(G, dim=1)
+    Rc = R.to(cdt)
+    cols = torch.arange(Tk, device=q.device)
+    budget = CUDA_CHUNK_ELEMENTS if q.is_cuda else CHUNK_ELEMENTS
+    step = max(1, min(Tq, budget // max(1, B * Hq * (Tk + rel_stride * Tk))))
+    outs, lses = [], []
+    for r0 in range(0, Tq, step):
+        r1 = min(Tq, r0 + step)
+        rows = torch.arange(r0, r1, device=q.device)
+        s = torch.matmul(q[:, :, r0:r1].to(cdt), kc.transpose(-1, -2))
+        t_lo, t_hi = rel_stride * r0, rel_stride * (r1 - 1) + Tk  # the table rows this chunk reads
+        band = torch.matmul(qr[:, :, r0:r1].to(cdt), Rc[:, t_lo:t_hi].transpose(-1, -2))  # (B, Hq, c, t_hi - t_lo)
+        t = rel_stride * rows[:, None] - cols[None, :] + (Tk - 1) - t_lo
+        extra = torch.ones(r1 - r0, Tk, dtype=torch.bool, device=q.device)
+        if separate_cls:
+            extra = extra & (rows[:, None] != 0) & (cols[None, :] != 0)
+        pos = torch.gather(band, -1, t.expand(B, Hq, -1, -1))
+        if tt is not None:
+            qt, kt = q_types[:, r0:r1], k_types
+            same = (qt[:, :, None] == kt[:, None, :]) | (qt == cls_type)[:, :, None] | (kt == cls_type)[:, None, :]
+            tt_c = tt[:, :, r0:r1].to(cdt)
+            pos = pos + torch.where(same[:, None], tt_c[..., 1:2], tt_c[..., 0:1])
+        s = (s + pos * extra) * scale
+        if key_padding_mask is not None:
+            s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+        empty = torch.isneginf(s).all(-1, keepdim=True)
+        lse_c = torch.logsumexp(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty[..., 0], float("-inf"))
+        p = torch.exp(s - lse_c.masked_fill(empty[..., 0], 0.0)[..., None])
+        if dropout_p > 0.0:
+            bh = torch.arange(B * Hq, device=q.device).view(B, Hq, 1, 1)
+            keep = dropout_keep(seed, dropout_p, bh, rows.view(-1, 1), cols.view(1, -1))
+            p = p * keep * dropout_scale(dropout_p)
+        outs.append(torch.matmul(p, vc))
+        lses.append(lse_c)
+    return torch.cat(outs, dim=2).to(out_dtype), torch.cat(lses, dim=2)
 
 
 # ----------------------------------------------------------------------------------------------

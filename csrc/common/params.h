@@ -62,6 +62,9 @@ struct AttnParams {
   int64_t rule_window_left = -1, rule_window_right = -1, rule_diag_offset = 0, rule_n_global = 0;
   int64_t q_seg = 0, kv_seg = 0;  // int32 segment ids (B, Tq) / (B, Tk); 0 = no segments
   int64_t q_seg_sb = 0, q_seg_st = 0, kv_seg_sb = 0, kv_seg_st = 0;
+  // -- dropout (common/philox.h): on the probabilities, 0 = none; keep bits from the Philox seed --
+  double dropout_p = 0.0;
+  uint64_t seed = 0;
   // -- execution --
   int64_t stream = 0;  // cudaStream_t as an integer (CUDA launchers)
   int device = 0;      // CUDA device index

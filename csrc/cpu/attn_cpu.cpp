@@ -7,17 +7,20 @@
 // The structure is that of the CUDA kernels (csrc/cuda/): the forward owns a tile of query rows and
 // walks the key tiles it may see with an online softmax; the backward owns a key tile for dK/dV
 // (walking the query tiles of every query head of its GQA group) and a query tile for dQ. Tile walks,
-// visibility, pooling and softmax bookkeeping are the shared functions of common/attn_rules.h.
-// Accumulation is float64.
+// visibility, pooling and softmax bookkeeping are the shared functions of common/attn_rules.h, the
+// dropout draws those of common/philox.h. Accumulation is float64.
 #include "attn_cpu.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../common/attn_rules.h"
 #include "../common/check.h"
+#include "../common/philox.h"
 #include "attn_tiled.h"
+#include "host_types.h"
 
 namespace effattn {
 namespace {
@@ -25,21 +28,29 @@ namespace {
 inline double to_acc(double x) { return x; }
 inline void store(double* d, double x) { *d = x; }
 
-template <class T>
-const T* cptr(int64_t a) {
-  return reinterpret_cast<const T*>(a);
-}
-template <class T>
-T* mptr(int64_t a) {
-  return reinterpret_cast<T*>(a);
-}
+using cpu::cptr;
+using cpu::mptr;
 
 template <class T, class A>
 struct Attention {
   const AttnParams& p;
   int group;
+  uint32_t drop_threshold;  // dropout (when p.dropout_p > 0)
+  A drop_scale;
 
-  explicit Attention(const AttnParams& params) : p(params), group(params.Hq / params.Hkv) {}
+  explicit Attention(const AttnParams& params)
+      : p(params),
+        group(params.Hq / params.Hkv),
+        drop_threshold(dropout_threshold(params.dropout_p)),
+        drop_scale(static_cast<A>(dropout_scale(drop_threshold))) {}
+
+  // Dropout factor of score (b, h, row, col): 1 without dropout, else the kept scale or 0.
+  A drop(int b, int h, int64_t row, int64_t col) const {
+    if (p.dropout_p <= 0.0) return A(1);
+    const uint32_t bits = philox_first(p.seed, static_cast<uint32_t>(col), static_cast<uint32_t>(row),
+                                       static_cast<uint32_t>(static_cast<int64_t>(b) * p.Hq + h), 0);
+    return dropout_kept(bits, drop_threshold) ? drop_scale : A(0);
+  }
 
   int tile_m() const { return p.sparse ? std::min(p.tile_m, p.block_q) : p.tile_m; }
   int tile_n() const { return p.sparse ? std::min(p.tile_n, p.block_kv) : p.tile_n; }
@@ -130,8 +141,9 @@ struct Attention {
               for (int c = 0; c < cols; ++c) {
                 const A pr = std::exp(s[c] - shift);
                 sum += pr;
-                if (pr != A(0))
-                  for (int d = 0; d < p.Dv; ++d) ar[d] += pr * vt[static_cast<size_t>(c) * p.Dv + d];
+                const A pz = pr * drop(b, h, m0 + r, n0 + c);  // O sums the dropped P, l the undropped
+                if (pz != A(0))
+                  for (int d = 0; d < p.Dv; ++d) ar[d] += pz * vt[static_cast<size_t>(c) * p.Dv + d];
               }
               l[r] = l[r] * alpha + sum;
               m[r] = mx;
@@ -201,10 +213,12 @@ struct Attention {
                   const A sc = score(b, h, m0 + r, n0 + c, partial, qr, &kt[static_cast<size_t>(c) * p.Dqk]);
                   const A pr = std::exp(sc - shift);
                   if (pr == A(0)) continue;
-                  // -- dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dK += dS^T Q --
+                  // -- dV += (P Z)^T dO; dP = dO V^T; dS = P (dP Z - delta); dK += dS^T Q --
+                  const A z = drop(b, h, m0 + r, n0 + c);
                   const A dp = dot(dor, &vt[static_cast<size_t>(c) * p.Dv], p.Dv);
-                  const A ds = pr * (dp - dl);
-                  for (int d = 0; d < p.Dv; ++d) dv[static_cast<size_t>(c) * p.Dv + d] += pr * dor[d];
+                  const A ds = pr * (dp * z - dl);
+                  const A pz = pr * z;
+                  for (int d = 0; d < p.Dv; ++d) dv[static_cast<size_t>(c) * p.Dv + d] += pz * dor[d];
                   for (int d = 0; d < p.Dqk; ++d) dk[static_cast<size_t>(c) * p.Dqk + d] += ds * qr[d];
                 }
               }
@@ -256,7 +270,7 @@ struct Attention {
                 const A pr = std::exp(score(b, h, m0 + r, n0 + c, partial, qr, kc) - shift);
                 if (pr == A(0)) continue;
                 const A dp = dot(&dot_[static_cast<size_t>(r) * p.Dv], &vt[static_cast<size_t>(c) * p.Dv], p.Dv);
-                const A ds = pr * (dp - dl);
+                const A ds = pr * (dp * drop(b, h, m0 + r, n0 + c) - dl);
                 for (int d = 0; d < p.Dqk; ++d) dq[static_cast<size_t>(r) * p.Dqk + d] += ds * kc[d];
               }
             }
@@ -304,10 +318,19 @@ struct Attention {
   }
 };
 
+// Dropout arguments: p in [0, 1) with a threshold below 2**24 (so that the kept scale is finite), and
+// not with block-sparse attention (whose semantics have no dropout).
+void check_dropout(const AttnParams& p) {
+  require(p.dropout_p >= 0.0 && p.dropout_p < 1.0 && dropout_threshold(p.dropout_p) < kDropoutFull,
+          "dropout_p must be in [0, 1 - 2**-25), got " + std::to_string(p.dropout_p));
+  require(p.dropout_p == 0.0 || !p.sparse, "dropout is not supported with block-sparse attention");
+}
+
 }  // namespace
 
 void cpu_forward(const AttnParams& p) {
   check_forward(p);
+  check_dropout(p);
   if (p.dtype != kFloat64) return cpu::tiled_forward(p);
   require(p.tile_m >= 1 && p.tile_n >= 1, "tile sizes must be >= 1");
   Attention<double, double>(p).forward();
@@ -315,6 +338,7 @@ void cpu_forward(const AttnParams& p) {
 
 void cpu_backward(const AttnParams& p) {
   check_backward(p);
+  check_dropout(p);
   if (p.dtype != kFloat64) return cpu::tiled_backward(p);
   require(p.tile_m >= 1 && p.tile_n >= 1, "tile sizes must be >= 1");
   const Attention<double, double> a(p);

@@ -18,6 +18,11 @@
 // threads (fused_backward). Every output element is written by exactly one task and accumulated in a
 // fixed order, so the results do not depend on the number of threads (no atomics).
 //
+// Dropout (common/philox.h) multiplies P by Z = keep / (1 - p) element by element, the keep bits drawn
+// in the tile from the Philox counters (key, query row, b * Hq + h) of the element, so that the forward
+// and every backward pass draw the same bits and nothing is stored: the forward's m, l (hence lse) use
+// the undropped P and O += (P Z) V; the backward takes dV += (P Z)^T dO and dS = P * (dP Z - delta).
+//
 // Layouts. A task packs the tile it owns once, transposed where a GEMM needs it as its B operand, and
 // reads the tiles it walks through strided views (the GEMM's A operand takes any strides), in place
 // when they are fp32. Hence the forward and dQ compute S^T = K Q^T (key c, row r at S^T[c][r]): the
@@ -47,26 +52,14 @@
 
 #include "../common/attn_rules.h"
 #include "../common/check.h"
+#include "../common/philox.h"
+#include "host_types.h"
 #include "simd.h"
 #include "thread_pool.h"
 
 namespace effattn {
 namespace cpu {
 namespace {
-
-struct Half {
-  uint16_t bits;
-};
-struct BFloat16 {
-  uint16_t bits;
-};
-
-inline float to_f32(float x) { return x; }
-inline float to_f32(Half x) { return fp16_bits_to_float(x.bits); }
-inline float to_f32(BFloat16 x) { return bf16_bits_to_float(x.bits); }
-inline void put(float* d, float x) { *d = x; }
-inline void put(Half* d, float x) { d->bits = float_to_fp16_bits(x); }
-inline void put(BFloat16* d, float x) { d->bits = float_to_bf16_bits(x); }
 
 // n elements at stride sd of src into dst (fp32, contiguous).
 inline void convert_in(const Kernels&, const float* src, int64_t sd, int n, float* dst) {
@@ -100,15 +93,6 @@ inline void convert_out(const Kernels& kr, const float* src, int n, Half* dst, i
 inline void convert_out(const Kernels& kr, const float* src, int n, BFloat16* dst, int64_t sd) {
   if (sd == 1) return kr.f32_to_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
   for (int i = 0; i < n; ++i) put(&dst[i * sd], src[i]);
-}
-
-template <class T>
-const T* cptr(int64_t a) {
-  return reinterpret_cast<const T*>(a);
-}
-template <class T>
-T* mptr(int64_t a) {
-  return reinterpret_cast<T*>(a);
 }
 
 constexpr float kLog2eF = static_cast<float>(kLog2e);
@@ -148,6 +132,8 @@ struct Tiled {
   const Kernels& kr;
   int group, BM, BN, Dp, Dvp, BMp, BNp, threads;
   float c2;  // scale * log2(e): scores in the exp2 domain
+  bool dropout;      // dropout_p > 0
+  DropoutTile drop;  // its seed, threshold and scale (the counters set per row by drop_at)
 
   // ``bm`` x ``bn``: the tiles before the cap by the block sizes of a BlockMask.
   Tiled(const AttnParams& params, int bm, int bn)
@@ -161,7 +147,19 @@ struct Tiled {
         BMp(pad_to(BM)),
         BNp(pad_to(BN)),
         threads(resolve_threads(params.num_threads)),
-        c2(static_cast<float>(params.scale * kLog2e)) {}
+        c2(static_cast<float>(params.scale * kLog2e)),
+        dropout(params.dropout_p > 0.0),
+        drop{params.seed, dropout_threshold(params.dropout_p),
+             static_cast<float>(dropout_scale(dropout_threshold(params.dropout_p))), 0, 0, 0} {}
+
+  // The dropout draws of a row of a tile whose element 0 is (key, row) of head h of batch b.
+  DropoutTile drop_at(int b, int h, int64_t key, int64_t row) const {
+    DropoutTile d = drop;
+    d.key = static_cast<uint32_t>(key);
+    d.row = static_cast<uint32_t>(row);
+    d.bh = static_cast<uint32_t>(static_cast<int64_t>(b) * p.Hq + h);
+    return d;
+  }
 
   bool pooled() const { return p.pool_stride != 1 || p.pool_cls; }
 
@@ -297,6 +295,39 @@ struct Tiled {
 
   static std::vector<float> buf(int64_t a, int64_t b) { return std::vector<float>(static_cast<size_t>(a * b)); }
 
+  // A task per (batch, head, query tile), the last query tiles first (under a causal rule they are the
+  // longest): ``tile(scratch, b, h, m0)``, the scratch built by ``make()`` once per worker.
+  template <class Make, class Tile>
+  void per_query_tile(Make make, Tile tile) const {
+    const int64_t nqt = (p.Tq + BM - 1) / BM;
+    parallel(static_cast<int64_t>(p.B) * p.Hq * nqt, make, [&](auto& w, int64_t task) {
+      const int64_t qi = nqt - 1 - task % nqt;
+      const int64_t bh = task / nqt;
+      tile(w, static_cast<int>(bh / p.Hq), static_cast<int>(bh % p.Hq), qi * BM);
+    });
+  }
+
+  // The query tile [m0, m0 + rows) of head h as Q^T * scale * log2 e into qt (Dqk x BMp), via q (BM x Dp).
+  void load_qt(int b, int h, int64_t m0, int rows, float* q, float* qt, float* tmp) const {
+    load_q(b, h, m0, rows, q, tmp);
+    transpose(q, Dp, rows, p.Dqk, qt, BMp, BMp, c2);
+  }
+
+  // The key tiles that query tile [m0, m0 + rows) of head h may see, in walk order:
+  // ``visit(n0, cols, kind)``; tiles the rule proves empty are skipped.
+  template <class Visit>
+  void walk_key_tiles(int b, int h, int64_t m0, int rows, Visit visit) const {
+    const TileWalk walk = kv_walk(p, b, h, m0, m0 + rows, BN);
+    for (int64_t i = 0; i < walk.count; ++i) {
+      bool partial;
+      const int64_t n0 = walk_start(walk, i, &partial);
+      if (n0 >= p.Tk) continue;
+      const int cols = static_cast<int>(std::min<int64_t>(BN, p.Tk - n0));
+      const TileKind kind = classify(partial, m0, rows, n0, cols);
+      if (kind != kTileEmpty) visit(n0, cols, kind);
+    }
+  }
+
   // ------------------------------------------------------------------------------------------------
   // forward: the transposed layout, S^T = K (Q^T scale log2 e), so that the softmax of a query row
   // runs down a column (rows of the tile side by side in a vector, no horizontal reductions), and
@@ -306,60 +337,49 @@ struct Tiled {
     std::vector<float> q, qt, k, v, st, acc, m, l, alpha, tmp;
   };
 
+  FwdScratch make_fwd() const {
+    FwdScratch w;
+    w.q = buf(BM, Dp);
+    w.qt = buf(p.Dqk, BMp);
+    w.k = buf(BN, Dp);
+    w.v = buf(BN, Dvp);
+    w.st = buf(BN, BMp);
+    w.acc = buf(BM, Dvp);
+    w.m = buf(1, BMp);
+    w.l = buf(1, BMp);
+    w.alpha = buf(1, BMp);
+    w.tmp = buf(1, std::max(Dp, Dvp));
+    return w;
+  }
+
   void forward() const {
-    const int64_t nqt = (p.Tq + BM - 1) / BM;
-    parallel(
-        static_cast<int64_t>(p.B) * p.Hq * nqt,
-        [&] {
-          FwdScratch w;
-          w.q = buf(BM, Dp);
-          w.qt = buf(p.Dqk, BMp);
-          w.k = buf(BN, Dp);
-          w.v = buf(BN, Dvp);
-          w.st = buf(BN, BMp);
-          w.acc = buf(BM, Dvp);
-          w.m = buf(1, BMp);
-          w.l = buf(1, BMp);
-          w.alpha = buf(1, BMp);
-          w.tmp = buf(1, std::max(Dp, Dvp));
-          return w;
-        },
-        [&](FwdScratch& w, int64_t task) {
-          // the last query tiles first: under a causal rule they are the longest
-          const int64_t qi = nqt - 1 - task % nqt;
-          const int64_t bh = task / nqt;
-          forward_tile(w, static_cast<int>(bh / p.Hq), static_cast<int>(bh % p.Hq), qi * BM);
-        });
+    per_query_tile([&] { return make_fwd(); },
+                   [&](FwdScratch& w, int b, int h, int64_t m0) { forward_tile(w, b, h, m0); });
   }
 
   void forward_tile(FwdScratch& w, int b, int h, int64_t m0) const {
     const int kvh = h / group;
     const int rows = static_cast<int>(std::min<int64_t>(BM, p.Tq - m0));
-    load_q(b, h, m0, rows, w.q.data(), w.tmp.data());
-    transpose(w.q.data(), Dp, rows, p.Dqk, w.qt.data(), BMp, BMp, c2);
+    load_qt(b, h, m0, rows, w.q.data(), w.qt.data(), w.tmp.data());
     std::fill(w.m.begin(), w.m.end(), neg_inf<float>());
     std::fill(w.l.begin(), w.l.end(), 0.f);
     std::fill(w.acc.begin(), w.acc.end(), 0.f);
     float* St = w.st.data();
-    const TileWalk walk = kv_walk(p, b, h, m0, m0 + rows, BN);
-    for (int64_t i = 0; i < walk.count; ++i) {
-      bool partial;
-      const int64_t n0 = walk_start(walk, i, &partial);
-      if (n0 >= p.Tk) continue;
-      const int cols = static_cast<int>(std::min<int64_t>(BN, p.Tk - n0));
-      const TileKind kind = classify(partial, m0, rows, n0, cols);
-      if (kind == kTileEmpty) continue;
+    walk_key_tiles(b, h, m0, rows, [&](int64_t n0, int cols, TileKind kind) {
       // -- S^T = K Q^T, masked --
       const View K = rows_view(p.k, p.sk, b, kvh, n0, cols, p.Dqk, false, w.k.data());
       kr.gemm(cols, BMp, p.Dqk, K.ptr, K.si, K.sk, w.qt.data(), BMp, St, BMp, false);
       if (needs_mask(kind)) mask_tile(St, 1, BMp, b, h, m0, rows, n0, cols, kind);
-      // -- online softmax, then O = O * alpha + P V --
+      // -- online softmax (m, l of the undropped P), dropout, then O = O * alpha + (P Z) V --
       kr.softmax_t(St, cols, BMp, BMp, w.m.data(), w.l.data(), w.alpha.data());
+      if (dropout)
+        for (int c = 0; c < cols; ++c)
+          kr.dropout(St + static_cast<int64_t>(c) * BMp, BMp, drop_at(b, h, n0 + c, m0), true);
       for (int r = 0; r < rows; ++r)
         if (w.alpha[r] != 1.f) kr.scale(w.acc.data() + static_cast<int64_t>(r) * Dvp, Dvp, w.alpha[r]);
       const View V = rows_view(p.v, p.sv, b, kvh, n0, cols, p.Dv, true, w.v.data());
       kr.gemm(rows, Dvp, cols, St, 1, BMp, V.ptr, V.si, w.acc.data(), Dvp, true);
-    }
+    });
     // -- epilogue: normalise; an empty row gives out = 0, lse = -inf --
     T* o = mptr<T>(p.o) + b * p.so.b + h * p.so.h;
     float* lse = mptr<float>(p.lse) + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
@@ -465,16 +485,20 @@ struct Tiled {
         const View Q = q_view(b, h, m0, rows, true, w.q.data(), w.tmp.data());
         const View dO = rows_view(p.dout, p.sdo, b, h, m0, rows, p.Dv, true, w.dout.data());
         row_stats(b, h, m0, rows, w.lse2.data(), w.delta.data());
-        // -- S = Q K^T, P = exp2(S - lse), dP = dO V^T, dS = P (dP - delta) --
+        // -- S = Q K^T, P = exp2(S - lse), dP = dO V^T, dS = P (dP Z - delta), P Z in place of P --
         kr.gemm(rows, BNp, p.Dqk, Q.ptr, Q.si, Q.sk, w.kt.data(), BNp, S, BNp, false);
         if (needs_mask(kind)) mask_tile(S, BNp, 1, b, h, m0, rows, n0, cols, kind);
         kr.gemm(rows, BNp, p.Dv, dO.ptr, dO.si, dO.sk, w.vt.data(), BNp, dP, BNp, false);
         for (int r = 0; r < rows; ++r) {
           float* s = S + static_cast<int64_t>(r) * BNp;
+          float* dp = dP + static_cast<int64_t>(r) * BNp;
           kr.exp2_sub(s, BNp, w.lse2[r]);
-          kr.dsoftmax(dP + static_cast<int64_t>(r) * BNp, s, BNp, w.delta[r]);
+          if (dropout)
+            kr.dropout_dsoftmax(dp, s, BNp, w.delta[r], drop_at(b, h, n0, m0 + r));
+          else
+            kr.dsoftmax(dp, s, BNp, w.delta[r]);
         }
-        // -- dV += P^T dO, dK += dS^T Q --
+        // -- dV += (P Z)^T dO, dK += dS^T Q --
         kr.gemm(cols, Dvp, rows, S, 1, BNp, dO.ptr, dO.si, w.dv.data(), Dvp, true);
         kr.gemm(cols, Dp, rows, dP, 1, BNp, Q.ptr, Q.si, w.dk.data(), Dp, true);
         if (dq) kr.gemm(rows, Dp, cols, dP, BNp, 1, w.k.data(), Dp, dq + (g * p.Tq + m0) * Dp, Dp, true);
@@ -520,53 +544,39 @@ struct Tiled {
     std::vector<float> q, qt, dout, dot, k, v, st, dpt, dq, lse2, delta, tmp;
   };
 
+  DqScratch make_dq() const {
+    DqScratch w;
+    w.q = buf(BM, Dp);
+    w.qt = buf(p.Dqk, BMp);
+    w.dout = buf(BM, Dvp);
+    w.dot = buf(p.Dv, BMp);
+    w.k = buf(BN, Dp);
+    w.v = buf(BN, Dvp);
+    w.st = buf(BN, BMp);
+    w.dpt = buf(BN, BMp);
+    w.dq = buf(BM, Dp);
+    w.lse2 = buf(1, BMp);
+    w.delta = buf(1, BMp);
+    w.tmp = buf(1, std::max(Dp, Dvp));
+    return w;
+  }
+
   void backward_dq() const {
-    const int64_t nqt = (p.Tq + BM - 1) / BM;
-    parallel(
-        static_cast<int64_t>(p.B) * p.Hq * nqt,
-        [&] {
-          DqScratch w;
-          w.q = buf(BM, Dp);
-          w.qt = buf(p.Dqk, BMp);
-          w.dout = buf(BM, Dvp);
-          w.dot = buf(p.Dv, BMp);
-          w.k = buf(BN, Dp);
-          w.v = buf(BN, Dvp);
-          w.st = buf(BN, BMp);
-          w.dpt = buf(BN, BMp);
-          w.dq = buf(BM, Dp);
-          w.lse2 = buf(1, BMp);
-          w.delta = buf(1, BMp);
-          w.tmp = buf(1, std::max(Dp, Dvp));
-          return w;
-        },
-        [&](DqScratch& w, int64_t task) {
-          const int64_t qi = nqt - 1 - task % nqt;
-          const int64_t bh = task / nqt;
-          dq_tile(w, static_cast<int>(bh / p.Hq), static_cast<int>(bh % p.Hq), qi * BM);
-        });
+    per_query_tile([&] { return make_dq(); }, [&](DqScratch& w, int b, int h, int64_t m0) { dq_tile(w, b, h, m0); });
   }
 
   void dq_tile(DqScratch& w, int b, int h, int64_t m0) const {
     const int kvh = h / group;
     const int rows = static_cast<int>(std::min<int64_t>(BM, p.Tq - m0));
-    load_q(b, h, m0, rows, w.q.data(), w.tmp.data());
-    transpose(w.q.data(), Dp, rows, p.Dqk, w.qt.data(), BMp, BMp, c2);
+    load_qt(b, h, m0, rows, w.q.data(), w.qt.data(), w.tmp.data());
     load_rows(p.dout, p.sdo, b, h, m0, rows, p.Dv, w.dout.data(), Dvp);
     transpose(w.dout.data(), Dvp, rows, p.Dv, w.dot.data(), BMp, BMp, 1.f);
     row_stats(b, h, m0, rows, w.lse2.data(), w.delta.data());
     std::fill(w.dq.begin(), w.dq.end(), 0.f);
     float* St = w.st.data();
     float* dPt = w.dpt.data();
-    const TileWalk walk = kv_walk(p, b, h, m0, m0 + rows, BN);
-    for (int64_t i = 0; i < walk.count; ++i) {
-      bool partial;
-      const int64_t n0 = walk_start(walk, i, &partial);
-      if (n0 >= p.Tk) continue;
-      const int cols = static_cast<int>(std::min<int64_t>(BN, p.Tk - n0));
-      const TileKind kind = classify(partial, m0, rows, n0, cols);
-      if (kind == kTileEmpty) continue;
-      // -- S^T = K Q^T, P^T = exp2(S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta) --
+    walk_key_tiles(b, h, m0, rows, [&](int64_t n0, int cols, TileKind kind) {
+      // -- S^T = K Q^T, P^T = exp2(S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T Z - delta) --
       const View K = rows_view(p.k, p.sk, b, kvh, n0, cols, p.Dqk, true, w.k.data());
       const View V = rows_view(p.v, p.sv, b, kvh, n0, cols, p.Dv, false, w.v.data());
       kr.gemm(cols, BMp, p.Dqk, K.ptr, K.si, K.sk, w.qt.data(), BMp, St, BMp, false);
@@ -574,12 +584,14 @@ struct Tiled {
       kr.gemm(cols, BMp, p.Dv, V.ptr, V.si, V.sk, w.dot.data(), BMp, dPt, BMp, false);
       for (int c = 0; c < cols; ++c) {
         float* s = St + static_cast<int64_t>(c) * BMp;
+        float* dp = dPt + static_cast<int64_t>(c) * BMp;
         kr.exp2_sub_vec(s, w.lse2.data(), BMp);
-        kr.dsoftmax_vec(dPt + static_cast<int64_t>(c) * BMp, s, w.delta.data(), BMp);
+        if (dropout) kr.dropout(dp, BMp, drop_at(b, h, n0 + c, m0), true);
+        kr.dsoftmax_vec(dp, s, w.delta.data(), BMp);
       }
       // -- dQ += dS K --
       kr.gemm(rows, Dp, cols, dPt, 1, BMp, K.ptr, K.si, w.dq.data(), Dp, true);
-    }
+    });
     store_dq(w, b, h, m0, rows);
   }
 

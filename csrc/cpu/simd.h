@@ -20,6 +20,15 @@ constexpr int kPad = 16;
 
 inline int pad_to(int n) { return (n + kPad - 1) / kPad * kPad; }
 
+// Dropout of one row of a tile (common/philox.h): the Philox counters of its element 0 (key, query
+// row, b * Hq + h), the seed, the threshold on the top bits and the scale of a kept element.
+struct DropoutTile {
+  uint64_t seed;
+  uint32_t threshold;
+  float scale;
+  uint32_t key, row, bh;
+};
+
 struct Kernels {
   const char* name;
   // C[M, N] (+)= A[M, K] . B[K, N]: accumulate into C when ``acc``, else overwrite. A is read through
@@ -47,6 +56,12 @@ struct Kernels {
   void (*bf16_to_f32)(const uint16_t* src, float* dst, int n);
   void (*f32_to_fp16)(const float* src, uint16_t* dst, int n);
   void (*f32_to_bf16)(const float* src, uint16_t* dst, int n);
+  // Dropout, n % kPad == 0: x[i] *= (kept ? d.scale : 0) for the draw of key d.key + i of row d.row
+  // (``along_rows`` false: the keys of a row side by side), or of key d.key of row d.row + i (true).
+  void (*dropout)(float* x, int n, const DropoutTile& d, bool along_rows);
+  // The backward's row pass under dropout, keys side by side (as ``dropout`` with along_rows false):
+  // with z the kept scale, dp[i] = p[i] * (dp[i] * z - delta), then p[i] *= z.
+  void (*dropout_dsoftmax)(float* dp, float* p, int n, float delta, const DropoutTile& d);
 };
 
 // The tables compiled into the extension (the AVX ones only on x86-64 with a compiler that has them).

@@ -5,6 +5,7 @@
 #define EA_W 16
 #define EA_MR 6
 #define EA_NV 4
+#define EA_DROP_NV 4
 #include "simd_kernels.inc"
 
 namespace effattn {

@@ -3,10 +3,11 @@
 ``patch(model)`` swaps, in place, the attention of a ``transformers`` ``FunnelModel`` /
 ``FunnelBaseModel`` (or any model holding Funnel's attention layers) for
 :func:`effattn.nn.funnel_attention`: the content, relative-position and token-type terms are
-computed inside one flash attention kernel, so no ``T x T`` score, position or token-type tensor is
-built. Parameters, state dict and outputs stay those of the original model (see
-:mod:`effattn.nn.funnel` for the few differences, none of which touch evaluation-mode outputs on
-inputs with at least one unpadded key per sequence). ``unpatch(model)`` restores the original code.
+computed inside one fused attention kernel (the relative-position band kernel by default), so no
+``T x T`` score, position or token-type tensor is built. Parameters, state dict and outputs stay those
+of the original model (see :mod:`effattn.nn.funnel` for the few differences, none of which touch
+evaluation-mode outputs on inputs with at least one unpadded key per sequence). ``unpatch(model)``
+restores the original code.
 
 How: each ``FunnelAttentionStructure`` is switched to one that carries per-token data (positions,
 token types, key mask) instead of ``T x T`` matrices and pools it the way Funnel pools its matrices
@@ -101,6 +102,7 @@ def _make_fused_classes():
         """Funnel's attention layer computing its score in one fused kernel (:func:`effattn.nn.funnel_attention`)."""
 
         effattn_backend: str | None = None
+        effattn_route: str | None = None
 
         def forward(self, query, key, value, attention_inputs, output_attentions=False):
             if output_attentions:
@@ -110,7 +112,7 @@ def _make_fused_classes():
             out = _layer_forward(self, query, key, value, q_pos=a.q_pos, k_pos=a.k_pos, q_types=a.q_types,
                                  k_types=a.k_types, key_padding_mask=a.key_mask,
                                  separate_cls=self.config.separate_cls, n_types=a.n_types or None,
-                                 backend=self.effattn_backend)
+                                 backend=self.effattn_backend, route=self.effattn_route)
             return (out,)
 
     return mf, FusedFunnelAttentionStructure, FusedFunnelRelMultiheadAttention
@@ -126,10 +128,11 @@ def _fused():
     return _FUSED
 
 
-def patch(model: torch.nn.Module, *, backend: str | None = None) -> torch.nn.Module:
+def patch(model: torch.nn.Module, *, backend: str | None = None, route: str | None = None) -> torch.nn.Module:
     """Run the Funnel attention of ``model`` on effattn's fused kernels, in place; returns ``model``.
 
     ``backend``: as in :func:`effattn.flash_attention` (None: Triton on CUDA, the reference on CPU).
+    ``route``: :func:`effattn.nn.funnel_attention`'s route ("band", "features"; None: the default, band).
     Raises ValueError if ``model`` holds no Funnel attention layer.
     """
     f = _fused()
@@ -140,6 +143,7 @@ def patch(model: torch.nn.Module, *, backend: str | None = None) -> torch.nn.Mod
         elif isinstance(module, f["mf"].FunnelRelMultiheadAttention):
             module.__class__ = f["attention"]
             module.effattn_backend = backend
+            module.effattn_route = route
             found += 1
     if not found:
         raise ValueError(f"model ({type(model).__name__}) holds no FunnelRelMultiheadAttention layer to patch")
@@ -155,6 +159,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         elif type(module) is f["attention"]:
             module.__class__ = f["mf"].FunnelRelMultiheadAttention
             del module.effattn_backend
+            module.__dict__.pop("effattn_route", None)
     return model
 
 

@@ -46,10 +46,13 @@ import torch.nn.functional as F
 
 from effattn.flash import flash_attention
 from effattn.reference import QueryPool, pool_queries
+from effattn.relpos import relpos_attention
 
 __all__ = [
     "CLS_TOKEN_TYPE",
+    "FUNNEL_ROUTES",
     "FunnelRelAttention",
+    "band_geometry",
     "funnel_attention",
     "pool_attention_mask",
     "pool_sequence",
@@ -60,6 +63,7 @@ __all__ = [
 ]
 
 CLS_TOKEN_TYPE = 2  # Funnel's token type of [cls]: in the same segment as every token
+FUNNEL_ROUTES = ("band", "features")  # how funnel_attention computes the position term (see its docstring)
 SINUSOID_BASE = 10000.0
 
 
@@ -122,14 +126,95 @@ def token_type_features(diff: torch.Tensor, same: torch.Tensor, q_types: torch.T
 # ----------------------------------------------------------------------------------------------
 # the fused attention
 # ----------------------------------------------------------------------------------------------
+def band_geometry(q_pos: torch.Tensor, k_pos: torch.Tensor, separate_cls: bool = False):
+    """``(rel_stride, key_step, offset)`` with ``q_pos_i - k_pos_j = key_step * (rel_stride * i - j) + offset``
+    for every pair that carries a position term (rows/columns 0 excluded with ``separate_cls``), or a
+    string saying why the positions have no such form (then only the "features" route applies).
+
+    Funnel's positions are arithmetic progressions (the keys' step ``key_step``, the queries' step a
+    multiple ``rel_stride`` of it: 2 in a pooling layer, 1 elsewhere), which is what the band needs.
+    """
+    s = 1 if separate_cls else 0
+    qp, kp = q_pos[s:].to(torch.int64), k_pos[s:].to(torch.int64)
+    if len(qp) == 0 or len(kp) == 0:  # only [cls] pairs: no position term at all
+        return 1, 1, 0
+
+    def step(x):
+        if len(x) < 2:
+            return None
+        d = torch.diff(x)
+        first = int(d[0])
+        return first if bool((d == first).all()) else "not evenly spaced"
+
+    sq, sk = step(qp), step(kp)
+    for name, st in (("query", sq), ("key", sk)):
+        if isinstance(st, str):
+            return f"{name} positions are {st}"
+    if sk is None:
+        sk = sq if sq is not None and sq > 0 else 1
+    if sk <= 0:
+        return f"key positions must increase (step {sk})"
+    if sq is None:
+        sq = sk
+    if sq <= 0 or sq % sk:
+        return f"the query step ({sq}) is not a positive multiple of the key step ({sk})"
+    rs = sq // sk
+    # q_pos_i - k_pos_j with i, j counted from the first non-[cls] element
+    offset = int(qp[0]) - int(kp[0]) - sk * s * (rs - 1)
+    return rs, sk, offset
+
+
+def _sinusoids(dist: torch.Tensor, d_model: int) -> torch.Tensor:
+    """``pe(d) = [sin(d w), cos(d w)]`` (``(n, d_model)`` float32), Funnel's relative position embedding."""
+    angle = dist.to(torch.float32)[:, None] * _inv_freq(d_model, dist.device)
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+
+
+def _band_route(q, k, v, *, r_w_bias, r_r_bias, r_kernel, r_s_bias, seg_embed, geometry, q_types, k_types,
+                separate_cls, key_padding_mask, dropout_p, backend):
+    B, Tq, H, Dh = q.shape
+    Tk = k.shape[1]
+    rs, sk, offset = geometry
+    d_model = r_kernel.shape[0]
+    if d_model % 2:
+        raise ValueError(f"d_model must be even for sinusoid features, got {d_model}")
+    dtype = v.dtype
+    # table row t <-> key-unit distance t - (Tk - 1): distance q_pos - k_pos = sk * (t - (Tk - 1)) + offset
+    t = torch.arange(rs * (Tq - 1) + Tk if Tq else Tk, device=q.device, dtype=torch.int64)
+    pe = _sinusoids(sk * (t - (Tk - 1)) + offset, d_model).to(r_kernel.dtype)
+    R = torch.einsum("td,dnh->nth", pe, r_kernel).to(dtype)  # (H, NR, Dh): autograd carries dR to r_kernel
+    tt = None
+    if q_types is not None:
+        tt = torch.einsum("bind,snd->bnis", q + r_s_bias, seg_embed).to(dtype)  # (B, H, Tq, 2): diff, same
+    out = relpos_attention((q + r_w_bias).transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype),
+                           v.transpose(1, 2), (q + r_r_bias).transpose(1, 2).to(dtype), R, rel_stride=rs,
+                           separate_cls=separate_cls, tt=tt, q_types=q_types if tt is not None else None,
+                           k_types=k_types if tt is not None else None, cls_type=CLS_TOKEN_TYPE,
+                           key_padding_mask=key_padding_mask, scale=1.0, dropout_p=dropout_p, backend=backend)
+    return out.transpose(1, 2)
+
+
 def funnel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, r_w_bias: torch.Tensor,
                      r_r_bias: torch.Tensor, r_kernel: torch.Tensor, r_s_bias: torch.Tensor | None = None,
                      seg_embed: torch.Tensor | None = None, q_pos: torch.Tensor, k_pos: torch.Tensor,
                      q_types: torch.Tensor | None = None, k_types: torch.Tensor | None = None,
                      n_types: int | None = None, separate_cls: bool = False,
                      key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                     backend: str | None = None) -> torch.Tensor:
-    """Funnel's relative attention score and softmax-weighted values, in one flash attention call.
+                     backend: str | None = None, route: str | None = None) -> torch.Tensor:
+    """Funnel's relative attention score and softmax-weighted values, in one fused attention call.
+
+    Two routes compute the same score:
+
+    * ``"band"`` (the default where the positions allow it): :func:`effattn.relpos_attention` with the
+      table ``R[h, t] = pe(distance(t)) @ r_kernel`` (``rel_stride * (Tq - 1) + Tk`` rows, built here;
+      autograd carries its gradient to ``r_kernel``) and the token-type term as two scores per query
+      picked per pair inside the kernel. The position term then costs about the content term. It needs
+      positions in arithmetic progression (:func:`band_geometry`; Funnel's always are).
+    * ``"features"``: the position and token-type terms as ``d_model + n_types + 2`` extra QK features
+      of one :func:`effattn.flash_attention` call (module docstring); ~13x the content QK FLOPs at
+      Funnel's base size, kept as the measured alternative and for positions the band cannot express.
+
+    ``route=None`` takes "band", or "features" when :func:`band_geometry` gives a reason.
 
     Args:
         q: ``(B, Tq, H, Dh)`` projected queries, **already scaled** by ``1/sqrt(Dh)`` (as Funnel does);
@@ -142,9 +227,22 @@ def funnel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, r_w_b
         n_types: number of token types (default: largest type + 1, read from the tensors).
         separate_cls: row 0 of the queries and column 0 of the keys are [cls]: only the content term.
         key_padding_mask: ``(B, Tk)`` bool, True = keep.
+        route: "band", "features" or None (above); "band" on positions it cannot express raises ValueError.
     Returns:
         ``(B, Tq, H, Dv)``.
     """
+    if route not in (None, *FUNNEL_ROUTES):
+        raise ValueError(f"route must be one of {FUNNEL_ROUTES} or None, got {route!r}")
+    if route != "features":
+        geometry = band_geometry(q_pos, k_pos, separate_cls)
+        if isinstance(geometry, str):
+            if route == "band":
+                raise ValueError(f"route='band' needs evenly spaced positions: {geometry}")
+        else:
+            return _band_route(q, k, v, r_w_bias=r_w_bias, r_r_bias=r_r_bias, r_kernel=r_kernel, r_s_bias=r_s_bias,
+                               seg_embed=seg_embed, geometry=geometry, q_types=q_types, k_types=k_types,
+                               separate_cls=separate_cls, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                               backend=backend)
     B, Tq, H, Dh = q.shape
     dtype = q.dtype
     content_q = q + r_w_bias
@@ -187,8 +285,10 @@ class FunnelRelAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_head: int, d_head: int, *, hidden_dropout: float = 0.0,
-                 attention_dropout: float = 0.0, layer_norm_eps: float = 1e-9, backend: str | None = None):
+                 attention_dropout: float = 0.0, layer_norm_eps: float = 1e-9, backend: str | None = None,
+                 route: str | None = None):
         super().__init__()
+        self.route = route  # funnel_attention's route: "band", "features" or None (the default)
         self.d_model, self.n_head, self.d_head = d_model, n_head, d_head
         self.scale = d_head ** -0.5
         self.backend = backend
@@ -213,11 +313,11 @@ class FunnelRelAttention(nn.Module):
         positions, token types and mask as in :func:`funnel_attention`. Returns ``(B, Tq, d_model)``."""
         return _layer_forward(self, query, key, value, q_pos=q_pos, k_pos=k_pos, q_types=q_types, k_types=k_types,
                               key_padding_mask=key_padding_mask, separate_cls=separate_cls, n_types=n_types,
-                              backend=self.backend)
+                              backend=self.backend, route=self.route)
 
 
 def _layer_forward(layer: nn.Module, query, key, value, *, q_pos, k_pos, q_types, k_types, key_padding_mask,
-                   separate_cls, n_types, backend):
+                   separate_cls, n_types, backend, route=None):
     """The body of a Funnel attention layer, for any module with Funnel's parameter names."""
     B, Tq, _ = query.shape
     Tk = key.shape[1]
@@ -231,7 +331,7 @@ def _layer_forward(layer: nn.Module, query, key, value, *, q_pos, k_pos, q_types
                             r_kernel=layer.r_kernel, r_s_bias=layer.r_s_bias * scale, seg_embed=layer.seg_embed,
                             q_pos=q_pos, k_pos=k_pos, q_types=q_types, k_types=k_types, n_types=n_types,
                             separate_cls=separate_cls, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                            backend=backend)
+                            backend=backend, route=route)
     out = layer.hidden_dropout(layer.post_proj(attn.reshape(B, Tq, H * Dh)))
     return layer.layer_norm(query + out)
 

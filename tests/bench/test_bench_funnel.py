@@ -48,8 +48,8 @@ def test_backward_differentiates_the_layer_weights():
 def test_sweep_both_attention_types_and_pooling_first(tmp_path):
     rc = bench_attention.main(["--preset", "funnel", "--device", "cpu", "--seqlen", "64", "--heads", "2",
                                "--headdim", "16", "--providers", "naive", "sdpa", "effattn", "effattn-prepool",
-                               "--min-run-time", "0.002", "--no-ceilings", "--no-plots", "--quiet", "--stem", "funnel",
-                               "--out", str(tmp_path)])
+                               "effattn-features", "--min-run-time", "0.002", "--no-ceilings", "--no-plots",
+                               "--quiet", "--stem", "funnel", "--out", str(tmp_path)])
     assert rc == 0
     rows = json.loads((tmp_path / "funnel.json").read_text())["rows"]
     ran = {(r["op"], r["pattern"], r["mode"], r["provider"]) for r in rows if r["status"] == STATUS_OK}
@@ -57,7 +57,7 @@ def test_sweep_both_attention_types_and_pooling_first(tmp_path):
         for provider in ("naive", "sdpa", "effattn", "effattn-prepool"):
             assert ("pooled", "", mode, provider) in ran
         for attention_type in FUNNEL_TYPES:
-            assert {("funnel", attention_type, mode, p) for p in ("naive", "effattn")} <= ran
+            assert {("funnel", attention_type, mode, p) for p in ("naive", "effattn", "effattn-features")} <= ran
     assert all(r["status"] == STATUS_SKIPPED for r in rows if r["op"] == "funnel" and r["provider"] == "sdpa")
     assert not any(r["op"] == "funnel" and r["provider"] == "effattn-prepool" for r in rows)
     funnel = [r for r in rows if r["op"] == "funnel" and r["status"] == STATUS_OK]

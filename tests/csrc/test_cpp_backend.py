@@ -31,10 +31,12 @@ def test_env_selects_cpp(monkeypatch):
     assert_close(out, ref, torch.float32, "fwd", "out")
 
 
-def test_cpp_declines_dropout():
-    q, k, v = make_qkv(B=1, Hq=2, Tq=9, D=16, dtype=torch.float32)
-    with pytest.raises(effattn.UnsupportedInputError, match="dropout is not implemented"):
-        effattn.flash_attention(q, k, v, dropout_p=0.1, backend="cpp")
+def test_cpp_dropout_bad_probability():
+    """Dropout runs in the C++ kernels (tests/csrc/test_cpu_kernel.py); a probability outside [0, 1) is
+    refused before any kernel, naming the argument."""
+    q, k, v = make_qkv(B=1, Hq=2, Tq=9, D=16, dtype=torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="dropout_p"):
+        effattn.flash_attention(q, k, v, dropout_p=1.0, backend="cpp")
 
 
 def test_automatic_order():
@@ -53,7 +55,7 @@ def test_automatic_choice_on_cpu():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         assert select_backend(call(dtype)).name == "cpp"
     assert select_backend(call(torch.float64)).name == "reference"  # the float64 path is the reference
-    assert select_backend(call(torch.float32, dropout=True)).name == "reference"  # the C++ kernels decline it
+    assert select_backend(call(torch.float32, dropout=True)).name == "cpp"  # dropout with the reference's bits
     assert select_backend(call(torch.float64), "cpp").name == "cpp"  # named: its scalar float64 path
 
 

@@ -298,3 +298,127 @@ def test_partial_block_rules(ext, name):
         bm = BlockMask.causal(T, T, block_size=block)
     q, k, v = make_qkv(B=2, Hq=2, Tq=T, D=32, dtype=torch.float32)
     check_sparse(q, k, v, bm, torch.rand(2, T) > 0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout: the Philox draws of the reference, in the kernels (common/philox.h, the SIMD Philox of
+# simd_kernels.inc) and in the scalar float64 path
+# ----------------------------------------------------------------------------------------------
+def test_philox_matches_reference(ext):
+    gen = torch.Generator().manual_seed(3)
+    n = 600
+    counters = torch.randint(0, 2**32, (4, n), generator=gen, dtype=torch.int64)
+    counters[:, :4] = torch.tensor([0, 1, 2**31, 2**32 - 1])[:, None]  # edges of the uint32 range
+    seeds = [0, 1, 2**32 - 1, 2**32, 2**40 + 17, 2**63 - 1, 2**64 - 1,
+             *(int(s) for s in torch.randint(0, 2**62, (5,), generator=gen))]
+    for seed in seeds:
+        want = reference.philox_randint(seed, *counters).tolist()
+        got = [ext.cpu_philox(seed, *(int(c) for c in counters[:, i])) for i in range(n)]
+        assert got == want, f"seed {seed}"
+    with pytest.raises(TypeError):
+        ext.cpu_philox(0, 2**32, 0, 0, 0)  # counters are uint32
+
+
+DROPOUT_CASES = {
+    "T1": dict(shape=dict(B=2, Hq=2, Tq=1, Tk=1, D=16), kw=dict()),
+    "T17_causal_gqa": dict(shape=dict(B=1, Hq=4, Hkv=2, Tq=17, Tk=17, D=24, Dv=40), kw=dict(causal=True)),
+    "T100_cross": dict(shape=dict(B=2, Hq=3, Tq=100, Tk=77, D=64), kw=dict()),
+    "T100_window_kpm": dict(shape=dict(B=2, Hq=2, Tq=100, D=32), kw=dict(window=(30, 5))),
+}
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
+def test_dropout_matches_reference(ext, monkeypatch, case, dtype, mode):
+    """Output, lse and gradients (of out and lse) with dropout against the float64 reference on the same seed."""
+    monkeypatch.setenv("EFFATTN_CPU_BACKWARD", mode)
+    q, k, v = make_qkv(**DROPOUT_CASES[case]["shape"], dtype=dtype)
+    kw = dict(DROPOUT_CASES[case]["kw"])
+    if case == "T100_window_kpm":
+        kw["key_padding_mask"] = torch.rand(2, 100) > 0.2
+    out, _ = compare_with_reference(q, k, v, backend="cpp", dropout_p=0.3, dropout_seed=2**40 + 17, lse_grad=True,
+                                    **kw)
+    if q.shape[2] > 1:  # dropout happened: the undropped output differs
+        plain = effattn.flash_attention(q.detach(), k.detach(), v.detach(), backend="cpp", **kw)
+        assert not torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_pooled(ext, dtype):
+    """Pooled queries draw with their pooled row index (reference.dropout_keep's ``rows``)."""
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, Tq=101, D=32, dtype=dtype)
+    compare_with_reference(q, k, v, backend="cpp", op=effattn.pooled_attention, stride=3, pool="max",
+                           separate_cls=True, causal=True, dropout_p=0.25, dropout_seed=99, lse_grad=True)
+    compare_with_reference(q, k, v, backend="cpp", op=effattn.pooled_attention, stride=2, pool="mean",
+                           dropout_p=0.5, dropout_seed=2**50 + 3)
+
+
+@pytest.mark.parametrize("name", ISAS)
+def test_dropout_isa(ext, name):
+    """The SIMD Philox of every instruction set (draws along keys and along rows, with vector tails)."""
+    q, k, v = make_qkv(B=1, Hq=2, Tq=83, Tk=70, D=48, dtype=torch.float32)
+    with isa(ext, name):
+        compare_with_reference(q, k, v, backend="cpp", causal=True, dropout_p=0.2, dropout_seed=12345,
+                               lse_grad=True)
+
+
+def test_dropout_float64_path(ext):
+    """The scalar float64 path draws the same bits (reference tolerances of float64)."""
+    q, k, v = make_qkv(B=1, Hq=4, Hkv=2, Tq=45, Tk=38, D=16, dtype=torch.float64)
+    compare_with_reference(q, k, v, backend="cpp", causal=True, dropout_p=0.4, dropout_seed=2**33 + 5, lse_grad=True)
+    q, k, v = make_qkv(B=1, Hq=2, Tq=40, D=16, dtype=torch.float64)
+    compare_with_reference(q, k, v, backend="cpp", op=effattn.pooled_attention, stride=2, separate_cls=True,
+                           dropout_p=0.3, dropout_seed=8, lse_grad=True)
+
+
+@pytest.mark.parametrize("case", ["dense", "pooled"])
+def test_dropout_bit_identical_across_threads_and_modes(ext, monkeypatch, case):
+    """With dropout: the same bits for 1 and 3 threads in each backward mode; out, lse, dk, dv the same bits
+    in both modes (dq is computed in another layout by the split mode: equal within tolerance)."""
+    if case == "dense":
+        q, k, v = make_qkv(B=2, Hq=4, Hkv=2, Tq=150, Tk=131, D=40, dtype=torch.float16)
+        op, kw = effattn.flash_attention, dict(causal=True)
+    else:
+        q, k, v = make_qkv(B=1, Hq=2, Tq=160, D=32, dtype=torch.float32)
+        op, kw = effattn.pooled_attention, dict(stride=3, pool="mean", separate_cls=True, causal=True)
+    kw.update(dropout_p=0.35, dropout_seed=2**41 + 7)
+    runs = {}
+    for mode in ("fused", "split"):
+        monkeypatch.setenv("EFFATTN_CPU_BACKWARD", mode)
+        for n in (1, 3):
+            with threads(monkeypatch, n):
+                runs[mode, n] = _run_all(q, k, v, op=op, **kw)
+    names = ("out", "lse", "dq", "dk", "dv")
+    for mode in ("fused", "split"):
+        for name, a, b in zip(names, runs[mode, 1], runs[mode, 3]):
+            assert torch.equal(a, b), f"{mode}: {name} differs between 1 and 3 threads"
+    for name, a, b in zip(names, runs["fused", 1], runs["split", 1]):
+        if name == "dq":
+            assert_close(a, b.double(), q.dtype, "grad", name)
+        else:
+            assert torch.equal(a, b), f"{name} differs between the backward modes"
+
+
+def test_dropout_bad_arguments(ext):
+    q, k, v = make_qkv(B=1, Hq=2, Tq=8, D=16, dtype=torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        cuda_ops.attn_forward(q, k, v, None, scale=1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        cuda_ops.attn_forward(q, k, v, None, scale=1.0, dropout_p=-0.1)
+    with pytest.raises(TypeError, match="dropout_p must be a float"):
+        cuda_ops.attn_forward(q, k, v, None, scale=1.0, dropout_p="0.1")
+    with pytest.raises(ValueError, match="seed must be an int"):
+        cuda_ops.attn_forward(q, k, v, None, scale=1.0, dropout_p=0.1, seed=2**64)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        cuda_ops.attn_forward(q, k, v, None, scale=1.0, dropout_p=0.1, seed=-1)
+    # the extension checks its own arguments too: dropout_p, and no dropout with block-sparse attention
+    ext_, kind, p, keep = cuda_ops._dense_params(q, k, v, None, 1.0, -1, -1, 0, 0.0, 0, None)
+    p.dropout_p = 1.0
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        cuda_ops._forward(ext_, kind, p, q, keep)
+    bm = BlockMask.causal(8, 8, block_size=16)
+    ext_, kind, p, keep = cuda_ops._sparse_params(q, k, v, bm, None, 1.0, backward=False)
+    p.dropout_p = 0.1
+    with pytest.raises(ValueError, match="dropout is not supported with block-sparse"):
+        cuda_ops._forward(ext_, kind, p, q, keep)

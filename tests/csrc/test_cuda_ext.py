@@ -104,8 +104,10 @@ def test_python_launcher_validates_tensors():
         cuda_ops.attn_forward(q, k.half(), v, None, scale=1.0)
     with pytest.raises(ValueError, match="does not broadcast"):
         cuda_ops.attn_forward(q, k, v, torch.ones(3, 1, 1, 8, dtype=torch.bool), scale=1.0)
-    with pytest.raises(ValueError, match="dropout is not implemented"):
-        cuda_ops.attn_forward(q, k, v, None, scale=1.0, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        cuda_ops.attn_forward(q, k, v, None, scale=1.0, dropout_p=1.5)
+    with pytest.raises(ValueError, match="seed must be"):
+        cuda_ops.attn_forward(q, k, v, None, scale=1.0, dropout_p=0.1, seed=-1)
     out, lse = cuda_ops.attn_forward(q, k, v, None, scale=1.0)
     with pytest.raises(ValueError, match="dout has shape"):
         cuda_ops.attn_backward(out[:, :, :4], q, k, v, out, lse, None, scale=1.0)

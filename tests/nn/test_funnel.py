@@ -57,29 +57,45 @@ def _compare_models(model, patched, inputs, *, atol=2e-5):
 
 CASES = [(a, p, s, t) for a, p, (s, t) in itertools.product(
     ["relative_shift", "factorized"], ["mean", "max"], [(True, True), (True, False), (False, True), (False, False)])]
+# The fused layer's kernels: Triton (on CPU through its interpreter, at a few points of each grid) and the
+# C++ CPU kernels (CPU tensors only).
+KERNEL_BACKENDS = ["triton", "cpp"]
+
+
+def _kernel_backend(device: str, backend: str) -> str:
+    if backend == "cpp" and device != "cpu":
+        pytest.skip("the C++ kernels run on CPU tensors (tested on the CPU)")
+    return backend
 
 
 @pytest.mark.parametrize("attention_type,pooling_type,separate_cls,truncate_seq", CASES)
-def test_patched_funnel_model_matches_huggingface(device, attention_type, pooling_type, separate_cls, truncate_seq):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.interpreter_subset(attention_type=["relative_shift"], pooling_type=["mean"], separate_cls=[True],
+                                truncate_seq=[True])
+def test_patched_funnel_model_matches_huggingface(device, backend, attention_type, pooling_type, separate_cls,
+                                                  truncate_seq):
     cfg = _config(attention_type, pooling_type, separate_cls, truncate_seq)
     model = FunnelModel(cfg).to(device).eval()
-    patched = ef.patch(copy.deepcopy(model), backend="triton")
+    patched = ef.patch(copy.deepcopy(model), backend=_kernel_backend(device, backend))
     assert ef.is_patched(patched) and not ef.is_patched(model)
     _compare_models(model, patched, _inputs(2, 15, device))
 
 
 @pytest.mark.parametrize("attention_type", ["relative_shift", "factorized"])
-def test_patched_funnel_base_model_matches_huggingface(device, attention_type):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.interpreter_subset(attention_type=[])  # on the interpreter: the FunnelModel case above
+def test_patched_funnel_base_model_matches_huggingface(device, backend, attention_type):
     cfg = _config(attention_type, block_sizes=[1, 2, 1], block_repeats=[1, 1, 2])
     model = FunnelBaseModel(cfg).to(device).eval()
-    patched = ef.patch(copy.deepcopy(model), backend="triton")
+    patched = ef.patch(copy.deepcopy(model), backend=_kernel_backend(device, backend))
     _compare_models(model, patched, _inputs(2, 21, device))
 
 
 def test_patched_model_under_autocast(device):
-    """Mixed precision: projections in bfloat16, parameters in float32 (the kernels get one dtype)."""
+    """Mixed precision: projections in bfloat16, parameters in float32 (the kernels get one dtype); on the
+    device's compiled kernels (Triton on CUDA, the C++ kernels on CPU)."""
     model = FunnelModel(_config("factorized")).to(device).eval()
-    patched = ef.patch(copy.deepcopy(model), backend="triton")
+    patched = ef.patch(copy.deepcopy(model), backend="triton" if device == "cuda" else "cpp")
     inputs = _inputs(2, 13, device)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
         expected = model(**inputs).last_hidden_state
@@ -92,6 +108,7 @@ def test_patched_model_under_autocast(device):
 
 
 @pytest.mark.parametrize("attention_type", ["relative_shift", "factorized"])
+@pytest.mark.interpreter_subset(attention_type=["factorized"])
 def test_patched_pool_q_only_false(device, attention_type):
     cfg = _config(attention_type, pool_q_only=False)
     model = FunnelBaseModel(cfg).to(device).eval()
@@ -144,17 +161,18 @@ class _PairShapes(TorchDispatchMode):
         return out
 
 
-def test_no_pairwise_tensor_is_formed(device):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_no_pairwise_tensor_is_formed(device, backend):
     """Forward and backward of the patched model never build a (Tq, Tk)-shaped tensor; the unpatched one does."""
-    T = 75
-    lengths = {75, 38, 19}  # the blocks' sequence lengths (separate_cls, truncate); no other dim takes them
+    T = 43
+    lengths = {43, 22, 11}  # the blocks' sequence lengths (separate_cls, truncate); no other dim takes them
     cfg = _config("relative_shift")
     model = FunnelModel(cfg).to(device).eval()
     inputs = _inputs(2, T, device)
     with _PairShapes(lengths) as unpatched:
         model(**inputs).last_hidden_state.sum().backward()
     assert unpatched.seen, "the checker must see Hugging Face's T x T tensors"
-    ef.patch(model, backend="triton")
+    ef.patch(model, backend=_kernel_backend(device, backend))
     model.zero_grad()
     with _PairShapes(lengths) as patched:
         model(**inputs).last_hidden_state.sum().backward()
@@ -202,12 +220,15 @@ def _funnel_from_effattn_parts(model, input_ids, attention_mask, token_type_ids,
 @pytest.mark.parametrize("attention_type,pooling_type,separate_cls,truncate_seq",
                          [("relative_shift", "max", True, True), ("factorized", "mean", True, False),
                           ("relative_shift", "mean", False, True)])
-def test_encoder_decoder_built_from_effattn_parts(device, attention_type, pooling_type, separate_cls, truncate_seq):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.interpreter_subset(attention_type=["relative_shift"], pooling_type=["max"])
+def test_encoder_decoder_built_from_effattn_parts(device, backend, attention_type, pooling_type, separate_cls,
+                                                  truncate_seq):
     cfg = _config(attention_type, pooling_type, separate_cls, truncate_seq, num_decoder_layers=2)
     model = FunnelModel(cfg).to(device).eval()
     inputs = _inputs(2, 19, device)
     expected = model(**inputs).last_hidden_state
-    got = _funnel_from_effattn_parts(model, **inputs, backend="triton")
+    got = _funnel_from_effattn_parts(model, **inputs, backend=_kernel_backend(device, backend))
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
@@ -279,3 +300,78 @@ def test_upsample_matches_huggingface(separate_cls, truncate_seq, T, stride):
     expected = mf.upsample(x, stride, T, separate_cls=separate_cls, truncate_seq=truncate_seq)
     got = enn.upsample(x, stride=stride, target_len=T, separate_cls=separate_cls, truncate=truncate_seq)
     torch.testing.assert_close(got, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# the two routes of funnel_attention: "band" (effattn.relpos_attention, the default) and "features"
+# ----------------------------------------------------------------------------------------------
+ROUTE_CASES = [(a, s, t, q) for a, (s, t), q in itertools.product(
+    ["relative_shift", "factorized"], [(True, True), (True, False), (False, True)], [True, False])]
+
+
+@pytest.mark.parametrize("attention_type,separate_cls,truncate_seq,pool_q_only", ROUTE_CASES)
+@pytest.mark.parametrize("route,backend", [("band", "cpp"), ("features", "reference")])
+def test_routes_match_huggingface(attention_type, separate_cls, truncate_seq, pool_q_only, route, backend):
+    """Random weights (not the near-zero init), token types, padding, pooling: outputs and every gradient."""
+    cfg = _config(attention_type, "mean", separate_cls, truncate_seq, pool_q_only=pool_q_only)
+    model = FunnelModel(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with ef_skip():
+        _compare_models(model, ef.patch(copy.deepcopy(model), backend=backend, route=route), _inputs(3, 19, "cpu"))
+
+
+def ef_skip():
+    from tests.helpers import skip_if_unsupported
+    return skip_if_unsupported()
+
+
+def test_band_geometry_and_fallback():
+    from effattn.nn.funnel import band_geometry
+    pos = torch.arange(9)
+    assert band_geometry(pos, pos) == (1, 1, 0)
+    pooled = enn.stride_select(pos, dim=0)  # [0, 1, 3, 5, 7]: [cls] + every other token
+    rs, sk, off = band_geometry(pooled, pos, separate_cls=True)
+    assert rs == 2 and sk == 1
+    i, j = torch.arange(1, 5)[:, None], torch.arange(1, 9)[None, :]
+    assert torch.equal(pooled[1:][:, None] - pos[1:][None, :], sk * (rs * i - j) + off)
+    assert isinstance(band_geometry(torch.tensor([0, 1, 3]), pos), str)
+    # uneven positions: the default route falls back to the features, route="band" refuses
+    cfg = _config()
+    layer = enn.FunnelRelAttention(cfg.d_model, cfg.n_head, cfg.d_head, backend="reference").eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(1, 3, cfg.d_model)
+    qp = torch.tensor([0, 1, 3])
+    out = layer(x, x, x, q_pos=qp, k_pos=qp)
+    layer.route = "features"
+    torch.testing.assert_close(out, layer(x, x, x, q_pos=qp, k_pos=qp))
+    layer.route = "band"
+    with pytest.raises(ValueError, match="evenly spaced"):
+        layer(x, x, x, q_pos=qp, k_pos=qp)
+
+
+@pytest.mark.parametrize("attention_type", ["relative_shift", "factorized"])
+def test_layer_flops_of_eager_layer_match_flop_counter(attention_type):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effattn.profile import funnel_layer_flops
+    cfg = _config(attention_type, d_model=64, n_head=4, d_head=16)
+    hf = mf.FunnelRelMultiheadAttention(cfg, block_index=0).eval()
+    T, B = 24, 2
+    x = torch.randn(B, T, cfg.d_model)
+    types = torch.zeros(B, T, dtype=torch.long)
+    structure = mf.FunnelAttentionStructure(cfg)
+    inputs = structure.init_attention_inputs(x, token_type_ids=types)
+    with FlopCounterMode(display=False) as counter:
+        hf(x, x, x, inputs)
+    rel_len = inputs[0][0][0].shape[0] if attention_type == "relative_shift" else None
+    expected = funnel_layer_flops(batch=B, Tq=T, Tk=T, d_model=cfg.d_model, n_head=cfg.n_head, d_head=cfg.d_head,
+                                  impl=attention_type, rel_len=rel_len)
+    assert counter.get_total_flops() == expected
+    # the fused band layer at Funnel's base shape costs at most 1.25x Hugging Face's relative_shift layer
+    band = funnel_layer_flops(batch=1, Tq=512, Tk=1024, d_model=768, n_head=12, d_head=64, impl="band", rel_stride=2)
+    # Hugging Face's table for that layer (relative_pos with shift 2): 2 * Tq + Tk relative positions
+    eager = funnel_layer_flops(batch=1, Tq=512, Tk=1024, d_model=768, n_head=12, d_head=64, impl="relative_shift",
+                               rel_len=2048)
+    assert band <= 1.25 * eager
