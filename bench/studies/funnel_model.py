@@ -108,9 +108,10 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
              "/ features |", "|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         t, m = r["seconds"], r["peak_mib"]
+        peaks = " / ".join("-" if m[n] is None else f"{m[n]:.0f}" for n in VERSIONS)
         lines.append(f"| {r['T']} | {r['mode']} | {t['eager']:.3f} | {t['band']:.3f} | "
                      f"**{t['eager'] / t['band']:.2f}x** | {t['features']:.3f} | {t['eager'] / t['features']:.2f}x | "
-                     " / ".join("-" if m[n] is None else f"{m[n]:.0f}" for n in VERSIONS) + " |")
+                     f"{peaks} |")
     return "\n".join(lines) + "\n"
 
 
