@@ -90,16 +90,15 @@ CASES = {
     "gqa-odd": dict(Hq=6, Hkv=2, Tq=100, Tk=37, D=24, Dv=8),
     "T1": dict(Tq=1, Tk=1, B=1),
     "mqa-cross": dict(Hq=3, Hkv=1, Tq=17, Tk=5, rel_stride=3),
+    "stride4": dict(Tq=9, rel_stride=4, mask=True),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("separate_cls", [False, True])
+@pytest.mark.interpreter_subset(case=["stride2-cls-tt-mask", "T1", "stride4"], separate_cls=[False])
 def test_cases(backend, case, separate_cls):
     spec = dict(CASES[case])
-    if backend.name == "triton" and backend.device == "cpu" and (separate_cls or spec.get("Tq", 17) > 64
-                                                                  or case not in ("stride2-cls-tt-mask", "T1")):
-        pytest.skip("the Triton interpreter is slow: a few small cases on CPU")
     tensors, kw = _inputs(device=backend.device, **spec)
     _check(backend, tensors, dict(kw, separate_cls=separate_cls), torch.float32)
 

@@ -102,6 +102,7 @@ def test_per_head_masks_and_lse_grad(backend):
 
 
 @pytest.mark.parametrize("block", [(64, 64), (128, 64)])
+@pytest.mark.interpreter_subset(block=[(128, 64)])  # 64 x 64 blocks on the interpreter: test_rule_masks
 def test_gpu_block_sizes_long_sequence(backend, block):
     """The GPU's tile sizes, T = 1000 (not a multiple), a causal sliding window with global tokens."""
     rule = effattn.MaskRule(window_left=100, window_right=0, n_global=4)

@@ -156,6 +156,24 @@ def test_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
+def test_no_pairwise_buffer(device, monkeypatch):
+    """Every buffer the launchers allocate, forward and backward, is O(T): none has a Tq and a Tk axis."""
+    shapes = []
+
+    def recording(*size, **kw):
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+        shapes.append(shape)
+        return poisoned_empty(*size, **kw)
+
+    monkeypatch.setattr(ra, "_alloc", recording)
+    Tq, Tk = 9, 17
+    x, qt, kt, mask = _make(2, 2, 1, Tq, Tk, 16, 16, 2, torch.float32, device)
+    kw = dict(rel_stride=2, separate_cls=True, cls_type=CLS, scale=0.25, dropout_p=0.0, seed=0)
+    _kernel(x, qt, kt, mask, torch.randn(2, 2, Tq, 16, device=device), None, **kw)
+    assert len(shapes) >= 9  # out, lse; dq, dk, dv, dqr, dR, dtt, delta (+ the batch partials of dR)
+    assert not [s for s in shapes if Tq in s and Tk in s], shapes
+
+
 def test_outputs_are_poisoned():
     """tests/conftest.py swaps this module's allocator for the NaN-filling one (so unwritten elements fail)."""
     assert ra._alloc is poisoned_empty
