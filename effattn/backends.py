@@ -157,8 +157,8 @@ class ReferenceBackend(Backend):
                                           key_padding_mask=key_padding_mask, **kw)
 
     def relpos_backward(self, dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, **kw):
-        from effattn.relpos import reference_backward  # the chunked backward, written out
-        return reference_backward(dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, **kw)
+        return reference.relpos_attention_backward(dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out,
+                                                   lse, dlse, **kw)
 
 
 class TritonBackend(Backend):

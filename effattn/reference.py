@@ -55,6 +55,7 @@ __all__ = [
     "pool_queries_backward",
     "pooled_positions",
     "relpos_attention",
+    "relpos_attention_backward",
     "sparse_attention_backward",
     "sparse_attention_forward",
 ]
@@ -568,3 +569,77 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
                             torch.arange(Tk, device=q.device).view(1, 1, 1, Tk))
         p = p * keep * dropout_scale(dropout_p)
     return torch.matmul(p, vv).to(q.dtype)
+
+
+def relpos_attention_backward(dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, *,
+                              scale, rel_stride, separate_cls, cls_type, dropout_p=0.0, seed=0):
+    """Gradients of :func:`relpos_attention` by query chunks, written out (as
+    :func:`attention_backward`): P recomputed from lse, ``dS = P (dP - delta)``,
+    ``delta = rowsum(dO O) - dlse``; the position gradient of a row is ``dS`` scattered onto the table rows
+    it read (one key per row), ``dqr = dP_band R_band``, ``dR += dP_band^T qr``; ``dtt`` the sums of ``dS``
+    over the keys of the same / another type. Returns ``(dq, dk, dv, dqr, dR, dtt)`` (dtt None without tt)."""
+    cdt = compute_dtype(q.dtype)
+    B, Hq, Tq, D = q.shape
+    n_kv, Tk = k.shape[1], k.shape[2]
+    G = Hq // n_kv
+    kc, vc = k.to(cdt).repeat_interleave(G, dim=1), v.to(cdt).repeat_interleave(G, dim=1)
+    Rc = R.to(cdt)
+    dq, dqr = torch.zeros(q.shape, dtype=cdt, device=q.device), torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dk = torch.zeros(B, Hq, Tk, D, dtype=cdt, device=q.device)
+    dv = torch.zeros(B, Hq, Tk, v.shape[3], dtype=cdt, device=q.device)
+    dR = torch.zeros(R.shape, dtype=cdt, device=q.device)
+    dtt = torch.zeros(B, Hq, Tq, 2, dtype=cdt, device=q.device) if tt is not None else None
+    if Tq and Tk and B:
+        delta = (dout.to(cdt) * out.to(cdt)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(cdt)
+        cols = torch.arange(Tk, device=q.device)
+        step = max(1, min(Tq, CHUNK_ELEMENTS // max(1, B * Hq * (Tk + rel_stride * Tk))))
+        for r0 in range(0, Tq, step):
+            r1 = min(Tq, r0 + step)
+            rows = torch.arange(r0, r1, device=q.device)
+            q_c, qr_c = q[:, :, r0:r1].to(cdt), qr[:, :, r0:r1].to(cdt)
+            t_lo, t_hi = rel_stride * r0, rel_stride * (r1 - 1) + Tk
+            R_band = Rc[:, t_lo:t_hi]
+            t = (rel_stride * rows[:, None] - cols[None, :] + (Tk - 1) - t_lo).expand(B, Hq, -1, -1)
+            extra = torch.ones(r1 - r0, Tk, dtype=torch.bool, device=q.device)
+            if separate_cls:
+                extra = extra & (rows[:, None] != 0) & (cols[None, :] != 0)
+            s = torch.matmul(q_c, kc.transpose(-1, -2))
+            pos = torch.gather(torch.matmul(qr_c, R_band.transpose(-1, -2)), -1, t)
+            same = None
+            if tt is not None:
+                qt = q_types[:, r0:r1]
+                same = ((qt[:, :, None] == k_types[:, None, :]) | (qt == cls_type)[:, :, None]
+                        | (k_types == cls_type)[:, None, :])[:, None]
+                tt_c = tt[:, :, r0:r1].to(cdt)
+                pos = pos + torch.where(same, tt_c[..., 1:2], tt_c[..., 0:1])
+            s = (s + pos * extra) * scale
+            if key_padding_mask is not None:
+                s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+            lse_c = lse[:, :, r0:r1].to(cdt)
+            p = torch.exp(s - lse_c.masked_fill(torch.isinf(lse_c), 0.0)[..., None])
+            p = p.masked_fill(torch.isinf(lse_c)[..., None], 0.0)
+            do_c = dout[:, :, r0:r1].to(cdt)
+            dp = torch.matmul(do_c, vc.transpose(-1, -2))
+            p_drop = p
+            if dropout_p > 0.0:
+                bh = torch.arange(B * Hq, device=q.device).view(B, Hq, 1, 1)
+                z = dropout_keep(seed, dropout_p, bh, rows.view(-1, 1), cols.view(1, -1)).to(cdt)
+                z = z * dropout_scale(dropout_p)
+                p_drop, dp = p * z, dp * z
+            dv += torch.matmul(p_drop.transpose(-1, -2), do_c)
+            ds = p * (dp - delta[:, :, r0:r1, None]) * scale  # gradient of the unscaled score
+            dq[:, :, r0:r1] = torch.matmul(ds, kc)
+            dk += torch.matmul(ds.transpose(-1, -2), q_c)
+            ds = ds * extra
+            band = torch.zeros(B, Hq, r1 - r0, t_hi - t_lo, dtype=cdt, device=q.device).scatter_(-1, t, ds)
+            dqr[:, :, r0:r1] = torch.matmul(band, R_band)
+            dR[:, t_lo:t_hi] += torch.matmul(band.transpose(-1, -2), qr_c).sum(0)
+            if dtt is not None:
+                dtt[:, :, r0:r1, 1] = (ds * same).sum(-1)
+                dtt[:, :, r0:r1, 0] = (ds * ~same).sum(-1)
+    dk = dk.unflatten(1, (n_kv, G)).sum(2)
+    dv = dv.unflatten(1, (n_kv, G)).sum(2)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dqr.to(qr.dtype), dR.to(R.dtype),
+            None if dtt is None else dtt.to(tt.dtype))

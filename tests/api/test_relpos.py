@@ -97,10 +97,12 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("separate_cls", [False, True])
 @pytest.mark.interpreter_subset(case=["stride2-cls-tt-mask", "T1", "stride4"], separate_cls=[False])
-def test_cases(backend, case, separate_cls):
+def test_cases(any_backend, case, separate_cls):
+    """Every backend, the reference's written-out backward included, against the reference differentiated
+    by autograd in float64."""
     spec = dict(CASES[case])
-    tensors, kw = _inputs(device=backend.device, **spec)
-    _check(backend, tensors, dict(kw, separate_cls=separate_cls), torch.float32)
+    tensors, kw = _inputs(device=any_backend.device, **spec)
+    _check(any_backend, tensors, dict(kw, separate_cls=separate_cls), torch.float32)
 
 
 def test_cpp_bit_identical_across_thread_counts():
