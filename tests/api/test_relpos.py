@@ -75,9 +75,8 @@ def _check(target, tensors, kw, dtype, lse_grad=True):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter_subset(dtype=[torch.float32])  # fp16/bf16 there: tests/kernels/test_relpos_attn.py
 def test_dtypes(backend, dtype):
-    if backend.name == "triton" and backend.device == "cpu" and dtype != torch.float32:
-        pytest.skip("the Triton interpreter is slow: one dtype on CPU")
     tensors, kw = _inputs(Tq=16 if backend.name == "triton" else 17, dtype=dtype, device=backend.device, mask=True)
     _check(backend, tensors, kw, dtype)
 
