@@ -3,7 +3,8 @@
 Fill a ``RelposParams`` of raw addresses and element strides from tensors, after checking everything
 a raw-pointer launcher needs (devices, dtypes, shapes, the table's length), as :mod:`effattn.cuda_ops`
 does for the other launchers. Semantics: :func:`effattn.reference.relpos_attention`. Outputs come from
-:data:`_alloc` (tests swap in a NaN-filling allocator). Dropout is not implemented here.
+:data:`_alloc` (tests swap in a NaN-filling allocator). Dropout draws the Philox bits of the reference
+(:func:`effattn.reference.dropout_keep` on the counters key, query row, ``b * Hq + h``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from effattn import _ext, limits
+from effattn.reference import DROPOUT_BITS, dropout_threshold
 
 # Every output buffer comes from here (tests swap in a NaN-filling allocator).
 _alloc = torch.empty
@@ -20,6 +22,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # (query rows, keys) of a tile: a tile reads rel_stride * (rows - 1) + keys table rows, so keys >> rows
 # keeps the band GEMM near the cost of the content GEMM (1.5x at rel_stride 2).
 CPU_TILE = (32, 128)
+SEED_LIMIT = 2**64  # the Philox key: two 32-bit words
 
 
 def _fail(msg: str):
@@ -38,7 +41,7 @@ def _check(name, x, *, device, dtype=None, shape=None):
 
 
 def _params(q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, *, rel_stride, separate_cls, cls_type, scale,
-            keep: list):
+            dropout_p, seed, keep: list):
     if q.device.type != "cpu":
         _fail(f"tensors must be on the CPU, got {q.device}")
     if q.dtype not in DTYPES:
@@ -54,6 +57,12 @@ def _params(q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, *, rel_strid
     _check("R", R, device=dev, dtype=q.dtype, shape=(Hq, NR, D))
     if Hkv < 1 or Hq % Hkv or D < 1 or Dv < 1 or max(Tq, Tk, NR) > limits.EXT_MAX_LEN:
         _fail(f"unsupported sizes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        _fail(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if dropout_p and (not 0.0 < dropout_p < 1.0 or dropout_threshold(dropout_p) >= 1 << DROPOUT_BITS):
+        _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        _fail(f"seed must be an int in [0, 2**64), got {seed!r}")
     ext = _ext.load()
     p = ext.RelposParams()
     p.q, p.k, p.v, p.qr, p.R = q.data_ptr(), k.data_ptr(), v.data_ptr(), qr.data_ptr(), R.data_ptr()
@@ -77,14 +86,16 @@ def _params(q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, *, rel_strid
     p.dtype = _DTYPE_CODES[q.dtype]
     p.scale = float(scale)
     p.rel_stride, p.separate_cls, p.cls_type = int(rel_stride), int(separate_cls), int(cls_type)
+    p.dropout_p, p.seed = float(dropout_p), seed
     p.tile_m, p.tile_n = CPU_TILE
     p.num_threads = torch.get_num_threads()
     return ext, p
 
 
 def relpos_forward(q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, *, rel_stride: int,
-                   separate_cls: bool, cls_type: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, Hq, Tq, Dv) in q's dtype, lse (B, Hq, Tq) float32)``."""
+                   separate_cls: bool, cls_type: int, scale: float, dropout_p: float = 0.0,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Hq, Tq, Dv) in q's dtype, lse (B, Hq, Tq) float32)``; ``lse`` of the undropped scores."""
     B, Hq, Tq, _ = q.shape
     Tk, Dv = k.shape[2], v.shape[3]
     out = _alloc(B, Hq, Tq, Dv, dtype=q.dtype, device=q.device)
@@ -93,15 +104,18 @@ def relpos_forward(q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, *, re
         return out.zero_(), lse.fill_(float("-inf"))
     keep: list = []
     ext, p = _params(q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, rel_stride=rel_stride,
-                     separate_cls=separate_cls, cls_type=cls_type, scale=scale, keep=keep)
+                     separate_cls=separate_cls, cls_type=cls_type, scale=scale, dropout_p=dropout_p, seed=seed,
+                     keep=keep)
     p.o, p.so, p.lse = out.data_ptr(), ext.Strides4(*out.stride()), lse.data_ptr()
     ext.cpu_relpos_forward(p)
     return out, lse
 
 
 def relpos_backward(dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, *,
-                    rel_stride: int, separate_cls: bool, cls_type: int, scale: float):
-    """``(dq, dk, dv, dqr, dR, dtt)`` in the dtypes of their inputs (dtt None without tt)."""
+                    rel_stride: int, separate_cls: bool, cls_type: int, scale: float, dropout_p: float = 0.0,
+                    seed: int = 0):
+    """``(dq, dk, dv, dqr, dR, dtt)`` in the dtypes of their inputs (dtt None without tt); ``dropout_p`` and
+    ``seed`` those of the forward."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
     NR = R.shape[1]
@@ -126,7 +140,8 @@ def relpos_backward(dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask
         lse = lse.contiguous()
         keep: list = [delta, lse]
         ext, p = _params(q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, rel_stride=rel_stride,
-                         separate_cls=separate_cls, cls_type=cls_type, scale=scale, keep=keep)
+                         separate_cls=separate_cls, cls_type=cls_type, scale=scale, dropout_p=dropout_p, seed=seed,
+                         keep=keep)
         p.dout, p.sdo, p.lse, p.delta = dout.data_ptr(), ext.Strides4(*dout.stride()), lse.data_ptr(), delta.data_ptr()
         p.dq, p.dk, p.dv, p.dqr, p.dR = dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dqr.data_ptr(), dR.data_ptr()
         if dtt is not None:

@@ -19,6 +19,12 @@
 // (b, h) slice of a per-batch buffer; the batch is then summed in a fixed order (b = 0, 1, ...) by a second
 // pass over (h, chunk of table rows). Every output element is written by one task, accumulated in a fixed
 // order: the results do not depend on the number of threads (no atomics).
+//
+// Dropout (common/philox.h), as attn_tiled.cpp: P is multiplied by Z = keep / (1 - p), the keep bit of
+// score (b, h, i, j) drawn from the Philox counters (j, i, b * Hq + h) in the tile, so that forward and
+// backward draw the same bits and nothing is stored. The forward's m, l (hence lse) use the undropped P,
+// and O += (P Z) V; the backward takes dV += (P Z)^T dO and dS = P * (dP Z - delta), which then feeds
+// dQ, dK and the position and token-type gradients unchanged (delta = rowsum(dO * O) holds as before).
 #include "relpos_tiled.h"
 
 #include <algorithm>
@@ -33,6 +39,7 @@
 
 #include "../common/attn_rules.h"
 #include "../common/check.h"
+#include "../common/philox.h"
 #include "host_types.h"
 #include "simd.h"
 #include "thread_pool.h"
@@ -87,6 +94,8 @@ struct Relpos {
   const Kernels& kr;
   int group, BM, BN, Dp, Dvp, BMp, NB, threads, rs;
   float c2;
+  bool dropout;      // dropout_p > 0
+  DropoutTile drop;  // its seed, threshold and scale (the counters set per key by drop_at)
 
   explicit Relpos(const RelposParams& params)
       : p(params),
@@ -100,7 +109,20 @@ struct Relpos {
         NB(params.rel_stride * (params.tile_m - 1) + params.tile_n),
         threads(resolve_threads(params.num_threads)),
         rs(params.rel_stride),
-        c2(static_cast<float>(params.scale * kLog2e)) {}
+        c2(static_cast<float>(params.scale * kLog2e)),
+        dropout(params.dropout_p > 0.0),
+        drop{params.seed, dropout_threshold(params.dropout_p),
+             static_cast<float>(dropout_scale(dropout_threshold(params.dropout_p))), 0, 0, 0} {}
+
+  // The dropout draws of key ``key`` of head h of batch b for the query rows row, row + 1, ... (a column
+  // of a transposed tile: kr.dropout with along_rows).
+  DropoutTile drop_at(int b, int h, int64_t key, int64_t row) const {
+    DropoutTile d = drop;
+    d.key = static_cast<uint32_t>(key);
+    d.row = static_cast<uint32_t>(row);
+    d.bh = static_cast<uint32_t>(static_cast<int64_t>(b) * p.Hq + h);
+    return d;
+  }
 
   // Rows [r0, r0 + rows) of x (at base + off, row stride st, element stride sd) into dst (rows x ld, padded).
   void load(int64_t addr, int64_t off, int64_t st, int64_t sd, int rows, int D, float* dst, int ld) const {
@@ -245,6 +267,9 @@ struct Relpos {
       kr.gemm(nb, BMp, p.D, Rb.ptr, Rb.si, Rb.sk, w.qrt.data(), BMp, Pb, BMp, false);
       add_relpos(St, Pb, w.ri, b, m0, rows, n0, cols);
       kr.softmax_t(St, cols, BMp, BMp, w.m.data(), w.l.data(), w.alpha.data());
+      if (dropout)
+        for (int c = 0; c < cols; ++c)
+          kr.dropout(St + static_cast<int64_t>(c) * BMp, BMp, drop_at(b, h, n0 + c, m0), true);
       for (int r = 0; r < rows; ++r)
         if (w.alpha[r] != 1.f) kr.scale(w.acc.data() + static_cast<int64_t>(r) * Dvp, Dvp, w.alpha[r]);
       const View V = view(p.v, off4(p.sv, b, kvh, n0), p.sv.t, p.sv.d, cols, p.Dv, true, w.v.data());
@@ -264,8 +289,8 @@ struct Relpos {
   // backward: per (b, kv head)
   // ------------------------------------------------------------------------------------------------
   struct BwdScratch {
-    std::vector<float> q, qt, qr, qrt, dout, doutt, k, v, rb, rbm, st, dpt, pb, dpb, lse2, delta, dq, dqr, dtt,
-        dk, dv;
+    std::vector<float> q, qt, qr, qrt, dout, doutt, k, v, rb, rbm, st, dpt, pb, dpb, lse2, delta, z, dq, dqr,
+        dtt, dk, dv;
     RowInfo ri;
   };
 
@@ -295,6 +320,7 @@ struct Relpos {
           w.dpb = buf(NB, BMp);
           w.lse2 = buf(1, BMp);
           w.delta = buf(1, BMp);
+          w.z = buf(1, BMp);
           w.dq = buf(BM, Dp);
           w.dqr = buf(BM, Dp);
           w.dtt = buf(BM, 2);
@@ -340,6 +366,17 @@ struct Relpos {
         });
   }
 
+  // One key's column of the backward under dropout, rows side by side: dp = P * (dp * z - delta), then
+  // P *= z, with z (BMp floats of scratch) the column's Z, drawn once for both.
+  void dropout_dsoftmax_col(float* dp, float* P, const float* delta, const DropoutTile& d, float* z) const {
+    std::fill(z, z + BMp, 1.f);
+    kr.dropout(z, BMp, d, true);
+    for (int r = 0; r < BMp; ++r) {
+      dp[r] = P[r] * (dp[r] * z[r] - delta[r]);
+      P[r] *= z[r];
+    }
+  }
+
   void backward_tile(BwdScratch& w, int b, int h, int64_t m0, float* dR) const {
     const int kvh = h / group;
     const int rows = static_cast<int>(std::min<int64_t>(BM, p.Tq - m0));
@@ -373,12 +410,18 @@ struct Relpos {
       kr.gemm(nb, BMp, p.D, Rb.ptr, Rb.si, Rb.sk, w.qrt.data(), BMp, w.pb.data(), BMp, false);
       add_relpos(St, w.pb.data(), w.ri, b, m0, rows, n0, cols);
       for (int c = 0; c < cols; ++c) kr.exp2_sub_vec(St + static_cast<int64_t>(c) * BMp, w.lse2.data(), BMp);
-      // -- dS^T = P * (V dO^T - delta) --
+      // -- dP^T = V dO^T, dS^T = P * (dP^T Z - delta), P Z in place of P --
       const View V = view(p.v, off4(p.sv, b, kvh, n0), p.sv.t, p.sv.d, cols, p.Dv, false, w.v.data());
       kr.gemm(cols, BMp, p.Dv, V.ptr, V.si, V.sk, w.doutt.data(), BMp, dSt, BMp, false);
-      for (int c = 0; c < cols; ++c)
-        kr.dsoftmax_vec(dSt + static_cast<int64_t>(c) * BMp, St + static_cast<int64_t>(c) * BMp, w.delta.data(), BMp);
-      // -- dV += P^T dO, dK += dS^T Q, dQ += dS K --
+      for (int c = 0; c < cols; ++c) {
+        float* s = St + static_cast<int64_t>(c) * BMp;
+        float* dp = dSt + static_cast<int64_t>(c) * BMp;
+        if (dropout)
+          dropout_dsoftmax_col(dp, s, w.delta.data(), drop_at(b, h, n0 + c, m0), w.z.data());
+        else
+          kr.dsoftmax_vec(dp, s, w.delta.data(), BMp);
+      }
+      // -- dV += (P Z)^T dO, dK += dS^T Q, dQ += dS K --
       kr.gemm(cols, Dvp, rows, St, BMp, 1, w.dout.data(), Dvp, w.dv.data() + n0 * Dvp, Dvp, true);
       kr.gemm(cols, Dp, rows, dSt, BMp, 1, w.q.data(), Dp, w.dk.data() + n0 * Dp, Dp, true);
       kr.gemm(rows, Dp, cols, dSt, 1, BMp, K.ptr, K.si, w.dq.data(), Dp, true);
@@ -427,6 +470,8 @@ void check(const RelposParams& p, bool backward) {
           "relpos: dtype must be float32, float16 or bfloat16, got code " + std::to_string(p.dtype));
   require(p.rel_stride >= 1, "relpos: rel_stride must be >= 1");
   require(p.tile_m >= 1 && p.tile_n >= 1, "relpos: tiles must be >= 1");
+  require(p.dropout_p >= 0.0 && p.dropout_p < 1.0 && dropout_threshold(p.dropout_p) < kDropoutFull,
+          "relpos: dropout_p must be in [0, 1 - 2**-25), got " + std::to_string(p.dropout_p));
   require(p.Tq == 0 || p.Tk == 0 || static_cast<int64_t>(p.NR) == static_cast<int64_t>(p.rel_stride) * (p.Tq - 1) + p.Tk,
           "relpos: NR must be rel_stride * (Tq - 1) + Tk");
   require(p.q && p.k && p.v && p.qr && p.R && p.lse, "relpos: q, k, v, qr, R and lse addresses must be set");

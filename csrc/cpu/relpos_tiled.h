@@ -1,6 +1,6 @@
 // Relative-position ("band") attention on the CPU: the op behind Funnel-Transformer's fused layer
 // (effattn.relpos_attention; semantics in effattn/reference.py, relpos_attention). float32, float16 and
-// bfloat16 inputs, fp32 accumulation; see relpos_tiled.cpp.
+// bfloat16 inputs, fp32 accumulation, dropout on the probabilities; see relpos_tiled.cpp.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +30,10 @@ struct RelposParams {
   int dtype = kFloat32;
   double scale = 1.0;
   int rel_stride = 1, separate_cls = 0, cls_type = 2;
+  // dropout (common/philox.h) on the probabilities, 0 = none; keep bits from the Philox seed, drawn on
+  // the counters (key, query row, b * Hq + h) as the dense kernels draw them
+  double dropout_p = 0.0;
+  uint64_t seed = 0;
   // tiles (query rows x keys) and threads (<= 0: the hardware's concurrency)
   int tile_m = 32, tile_n = 128, num_threads = 0;
 };

@@ -1,5 +1,6 @@
 """effattn.relpos_attention (relative-position "band" attention) on every backend against the float64
-reference (effattn.reference.relpos_attention), its argument checks, determinism and FLOP count."""
+reference (effattn.reference.relpos_attention), with and without dropout, its argument checks, determinism
+and FLOP count."""
 
 from __future__ import annotations
 
@@ -42,17 +43,19 @@ def _inputs(B=2, Hq=4, Hkv=2, Tq=17, Tk=None, D=16, Dv=None, rel_stride=1, tt=Tr
     return (q, k, v, qr, R), kw
 
 
-def _check(target, tensors, kw, dtype, lse_grad=True):
+def _check(target, tensors, kw, dtype, lse_grad=True, dropout_p=0.0, seed=0):
     tensors = [t.requires_grad_() for t in tensors]
     tt = kw.get("tt")
     if tt is not None:
         tt.requires_grad_()
     with skip_if_unsupported():
-        out, lse = effattn.relpos_attention(*tensors, return_lse=True, backend=target.name, **kw)
+        out, lse = effattn.relpos_attention(*tensors, return_lse=True, backend=target.name, dropout_p=dropout_p,
+                                            dropout_seed=seed, **kw)
     as64 = lambda x: x.detach().cpu().double().requires_grad_() if x.is_floating_point() else x.cpu()  # noqa: E731
     ref_t = [as64(t) for t in tensors]
     ref_kw = {n: (as64(a) if isinstance(a, torch.Tensor) else a) for n, a in kw.items()}
-    ref_out, ref_lse = reference.relpos_attention(*ref_t, scale=tensors[0].shape[-1] ** -0.5, **ref_kw)
+    ref_out, ref_lse = reference.relpos_attention(*ref_t, scale=tensors[0].shape[-1] ** -0.5, dropout_p=dropout_p,
+                                                  seed=seed, **ref_kw)
     assert out.dtype == dtype
     assert_close(out.cpu(), ref_out, dtype, "fwd", "out")
     assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(ref_lse))
@@ -104,7 +107,55 @@ def test_cases(any_backend, case, separate_cls):
     _check(any_backend, tensors, dict(kw, separate_cls=separate_cls), torch.float32)
 
 
-def test_cpp_bit_identical_across_thread_counts():
+DROPOUT_CASES = {
+    "stride1": dict(Tq=37, Tk=75),
+    "stride2-cls-mask-full-row": dict(Tq=37, Tk=75, rel_stride=2, full_mask_row=True, separate_cls=True),
+    "stride4-no-tt": dict(Tq=9, rel_stride=4, tt=False, mask=True),
+    "gqa-odd-cls": dict(Hq=6, Hkv=2, Tq=37, Tk=75, D=24, Dv=8, separate_cls=True),
+    "below-tile": dict(B=1, Tq=5, Tk=7, tt=False, mask=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DROPOUT_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.interpreter_subset(case=["below-tile"], dtype=[torch.float32])
+def test_dropout(any_backend, dtype, case):
+    """Dropout draws the reference's keep bits (same seed, same kept scores): outputs and every gradient
+    against the float64 reference, autograd through its dropped probabilities."""
+    spec = dict(DROPOUT_CASES[case])
+    separate_cls = spec.pop("separate_cls", False)
+    tensors, kw = _inputs(device=any_backend.device, dtype=dtype, **spec)
+    _check(any_backend, tensors, dict(kw, separate_cls=separate_cls), dtype, dropout_p=0.3, seed=20240611)
+
+
+def test_cpp_dropout_keeps_the_reference_scores():
+    """With v the identity over the keys, out[b, h, i, j] = P * Z: zero exactly where the reference's
+    Philox draw drops score (b, h, i, j) (P > 0 everywhere: no mask); another seed draws other bits."""
+    B, Hq, Tq, Tk, rs = 2, 3, 37, 75, 2
+    (q, k, _, qr, R), kw = _inputs(B=B, Hq=Hq, Hkv=1, Tq=Tq, Tk=Tk, rel_stride=rs, D=8)
+    v = torch.eye(Tk).expand(B, 1, Tk, Tk)
+    outs = {}
+    for seed in (7, 8):
+        with skip_if_unsupported():
+            outs[seed] = effattn.relpos_attention(q, k, v, qr, R, dropout_p=0.4, dropout_seed=seed, backend="cpp",
+                                                  separate_cls=True, **kw)
+    bh = torch.arange(B * Hq).view(B, Hq, 1, 1)
+    rows, cols = torch.arange(Tq).view(-1, 1), torch.arange(Tk).view(1, -1)
+    for seed, out in outs.items():
+        keep = reference.dropout_keep(seed, 0.4, bh, rows, cols)
+        assert torch.equal(out != 0, keep)
+        assert 0.5 < keep.float().mean() < 0.7
+    assert not torch.equal(outs[7] != 0, outs[8] != 0)
+
+
+def test_cpp_backend_takes_dropout():
+    call = effattn.backends.AttentionCall(device=torch.device("cpu"), dtype=torch.float32, head_dim_qk=64,
+                                          head_dim_v=64, Tq=128, Tk=256, dropout=True)
+    assert effattn.BACKENDS["cpp"].relpos_reasons(call) == []
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_cpp_bit_identical_across_thread_counts(dropout_p):
     tensors, kw = _inputs(B=2, Hq=4, Hkv=2, Tq=40, rel_stride=2, mask=True)
     tensors = [t.requires_grad_() for t in tensors]
     kw["tt"].requires_grad_()
@@ -114,7 +165,8 @@ def test_cpp_bit_identical_across_thread_counts():
         for n in (1, 3):
             torch.set_num_threads(n)
             with skip_if_unsupported():
-                out = effattn.relpos_attention(*tensors, backend="cpp", separate_cls=True, **kw)
+                out = effattn.relpos_attention(*tensors, backend="cpp", separate_cls=True, dropout_p=dropout_p,
+                                               dropout_seed=5, **kw)
             grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
                                         tensors + [kw["tt"]])
             results.append((out, *grads))
