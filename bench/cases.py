@@ -14,6 +14,13 @@ computes and counts):
 * ``funnel``: one Funnel relative-attention layer (d_model = ``H * D``) at its pooling block
   (``stride`` 2): hidden states ``(B, T, H * D)`` in, ``(B, Tp, H * D)`` out; ``pattern`` is Hugging
   Face's attention type (``relative_shift`` or ``factorized``, the same function computed two ways).
+* ``funnel-model``: a whole Hugging Face ``FunnelBaseModel`` (d_model = ``H * D``, ``H`` heads of ``D``,
+  d_inner 4 d_model, block_sizes [2, 2]: 4 layers, the third pools with ``stride`` 2): input embeddings
+  ``(B, T, d_model)`` in, the last hidden state out; ``pattern`` as for ``funnel``.
+* ``varlen``: ``B`` packed sequences of mixed lengths (at most ``T``; :func:`bench.ops.varlen_lengths`),
+  q, k, v ``(total, H, D)`` (flash-attn's varlen layout), dense or causal within each sequence.
+* ``decode``: one query per sequence against a KV cache of ``T`` keys (``Tq = 1``), GQA: q ``(B, Hq, 1, D)``,
+  k, v ``(B, Hkv, T, D)``; forward only.
 * ``predict``: block-mask prediction from ``q, k (B, H, T, D)`` keeping ``1 - sparsity`` of the kv
   blocks per query block (forward only).
 """
@@ -31,12 +38,14 @@ DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16,
 MODES = ("fwd", "bwd", "fwd+bwd")
 CAUSAL_CHOICES: dict[str, tuple[bool, ...]] = {"false": (False,), "true": (True,), "both": (False, True)}
 DEVICES = ("auto", "cpu", "cuda")
-OP_NAMES = ("attention", "pooled", "sparse", "funnel", "predict")
+OP_NAMES = ("attention", "pooled", "sparse", "funnel", "funnel-model", "varlen", "decode", "predict")
+# The ops of the Funnel-Transformer: one attention layer, a whole model.
+FUNNEL_OPS = ("funnel", "funnel-model")
 PATTERNS = ("random", "causal", "sliding", "documents", "bigbird")
 # Hugging Face's two implementations of Funnel's relative attention (the same function, other work).
 FUNNEL_TYPES = ("relative_shift", "factorized")
 # Ops whose every case is forward only (no gradient through a predicted mask).
-FORWARD_ONLY_OPS = ("predict",)
+FORWARD_ONLY_OPS = ("predict", "decode")
 
 
 @dataclass(frozen=True)
@@ -79,9 +88,9 @@ class Case:
 
     def op_label(self) -> str:
         """The op and its parameters: ``attention``, ``pooled/2``, ``sparse random 0.9 b64``, ``funnel/2``."""
-        if self.op == "funnel" and self.pattern not in ("", FUNNEL_TYPES[0]):
-            return f"funnel/{self.stride} {self.pattern}"
-        if self.op in ("pooled", "funnel"):
+        if self.op in FUNNEL_OPS and self.pattern not in ("", FUNNEL_TYPES[0]):
+            return f"{self.op}/{self.stride} {self.pattern}"
+        if self.op in ("pooled", *FUNNEL_OPS):
             return f"{self.op}/{self.stride}"
         if self.op == "sparse":
             what = f"random {self.sparsity:g}" if self.pattern == "random" else self.pattern
@@ -165,6 +174,13 @@ KI = 1024
 STRUCTURED = PATTERNS[1:]
 # Kept shares 1, 1/2, 1/4, 1/10, 1/20 of a sparse sweep against density.
 DENSITY_SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
+# Funnel-Transformer's base size: d_model 768 = 12 heads of 64.
+FUNNEL_BASE_HEADS = 12
+# Sequences of a varlen case in the quick preset; KV-cache lengths of its decoding rows.
+VARLEN_SEQS = 8
+DECODE_CACHE_LENS = (4 * 1024, 16 * 1024, 32 * 1024)
+# Ops that only a preset's parts run (their sizes are their own).
+PART_ONLY_OPS = ("funnel-model", "varlen", "decode")
 CPU_TIMING = TimingConfig(cpu_min_run_time_s=0.05)
 GPU_TIMING = TimingConfig(cuda_warmup_ms=10.0, cuda_rep_ms=50.0)
 
@@ -176,9 +192,12 @@ PRESETS: dict[str, Sweep] = {
             description=("CPU-sized, fp32, B=1, H=8, D=64, fwd and fwd+bwd: at T=1k and 2k attention (dense, causal), "
                          "pooled (stride 2), sparse (random, 50 and 90 % of the 64x64 blocks cut); at T=1k also "
                          "GQA, pooled stride 4, sparse documents, the Funnel layer, mask prediction, and one dense "
-                         "forward row each in fp16 and bf16; T=2k last; time-boxed to 180 s"),
+                         "forward row each in fp16 and bf16; then T=2k; 8 packed sequences of mixed lengths up to "
+                         "1k (varlen); decoding one query (32 heads, 8 KV heads, D=128) against caches of 4k-32k; "
+                         "last the whole Funnel base model (d_model 768, 12 heads) at T=1k; time-boxed to 180 s"),
             seqlens=(KI,), headdims=(64,), dtypes=("fp32",), causal=(False, True), modes=("fwd", "fwd+bwd"),
-            batch=(1,), heads=(8,), gqa=(1, 4), ops=OP_NAMES, strides=(2, 4), patterns=("random", "documents"),
+            batch=(1,), heads=(8,), gqa=(1, 4), ops=tuple(op for op in OP_NAMES if op not in PART_ONLY_OPS),
+            strides=(2, 4), patterns=("random", "documents"),
             sparsities=(0.5, 0.9), block=64, timing=CPU_TIMING, time_budget_s=180.0,
             parts=(
                 Sweep(seqlens=(KI,), headdims=(64,), dtypes=("fp16", "bf16"), causal=(False,), modes=("fwd",),
@@ -186,6 +205,12 @@ PRESETS: dict[str, Sweep] = {
                 Sweep(seqlens=(2 * KI,), headdims=(64,), dtypes=("fp32",), causal=(False, True),
                       modes=("fwd", "fwd+bwd"), heads=(8,), ops=("attention", "pooled", "sparse"), strides=(2,),
                       patterns=("random",), sparsities=(0.5, 0.9)),
+                Sweep(seqlens=(KI,), headdims=(64,), dtypes=("fp32",), causal=(False, True), modes=("fwd", "fwd+bwd"),
+                      batch=(VARLEN_SEQS,), heads=(8,), ops=("varlen",)),
+                Sweep(seqlens=DECODE_CACHE_LENS, headdims=(128,), dtypes=("fp32",), causal=(False,), modes=("fwd",),
+                      batch=(1,), heads=(32,), gqa=(4,), ops=("decode",)),
+                Sweep(seqlens=(KI,), headdims=(64,), dtypes=("fp32",), causal=(False,), modes=("fwd", "fwd+bwd"),
+                      heads=(FUNNEL_BASE_HEADS,), ops=("funnel-model",)),
             ),
         ),
         Sweep(
@@ -266,13 +291,17 @@ def _variants(sweep: Sweep, op: str) -> list[dict]:
         return [dict(causal=c, gqa=g) for c in sweep.causal for g in sweep.gqa]
     if op == "pooled":
         return [dict(stride=s) for s in sweep.strides]
-    if op == "funnel":
+    if op in FUNNEL_OPS:
         return [dict(stride=FUNNEL_STRIDE, pattern=t) for t in sweep.funnel_types]
     if op == "sparse":
         return [dict(pattern=p, sparsity=s if p == "random" else 0.0, block=sweep.block)
                 for p in sweep.patterns for s in (sweep.sparsities if p == "random" else (0.0,))]
     if op == "predict":
         return [dict(sparsity=s, block=sweep.block) for s in sweep.sparsities]
+    if op == "varlen":
+        return [dict(causal=c) for c in sweep.causal]
+    if op == "decode":
+        return [dict(gqa=g, seqlen_q=1) for g in sweep.gqa]
     raise ValueError(f"op must be one of {OP_NAMES}, got {op!r}")
 
 
@@ -282,7 +311,8 @@ def expand(sweep: Sweep, device: str) -> list[Case]:
 
     Order within a sweep: op, dtype, head dim, the op's own axes (causal and GQA; stride; pattern and
     sparsity; Funnel attention type), heads, sequence length, batch, mode. Only ``attention`` has GQA
-    and causal cases; ``predict`` is forward only (no case when the sweep's modes have no ``fwd``).
+    and causal cases (``varlen`` causal, ``decode`` GQA, its ``Tq`` 1); ``predict`` and ``decode`` are forward
+    only (no case when the sweep's modes have no ``fwd``).
     Raises ValueError when a head count is not a multiple of a GQA group size.
     """
     cases = []
@@ -298,10 +328,10 @@ def expand(sweep: Sweep, device: str) -> list[Case]:
                         for seqlen in sweep.seqlens:
                             for batch in sweep.batches_for(seqlen):
                                 for mode in modes:
-                                    cases.append(Case(batch=batch, heads_q=heads, heads_kv=heads // gqa,
-                                                      seqlen_q=seqlen, seqlen_k=seqlen, headdim=headdim,
-                                                      dtype=dtype, mode=mode, device=device, op=op,
-                                                      **{"causal": False, **variant}))
+                                    fields = dict(batch=batch, heads_q=heads, heads_kv=heads // gqa, seqlen_q=seqlen,
+                                                  seqlen_k=seqlen, headdim=headdim, dtype=dtype, mode=mode,
+                                                  device=device, op=op, causal=False)
+                                    cases.append(Case(**{**fields, **variant}))
     for part in sweep.parts:
         cases += expand(part, device)
     return list(dict.fromkeys(cases))

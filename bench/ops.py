@@ -26,6 +26,10 @@ Counting, per op (:mod:`effattn.profile` for the FLOP convention):
   position and token-type terms are extra work no provider is credited for (Hugging Face's eager
   code and effattn's fused features do them differently). Backward: twice the projections (input
   and weight gradients), 2.5 times the attention.
+* ``funnel-model``: per layer as ``funnel``, plus the feed-forward block (``2 d_model d_inner`` per
+  row, twice).
+* ``varlen``: the visible pairs of each sequence (causal: exact), no padding; bytes of the packed tensors.
+* ``decode``: ``Tk`` pairs per query head and sequence; bytes: the caches read once.
 * ``predict``: no FLOP count (the predictors' work is small and not matmul-shaped); bytes: q and k
   read once.
 """
@@ -343,6 +347,18 @@ def funnel_layers(d_model: int, n_head: int, d_head: int, device, dtype,
     return layer, structure, fused, fused_structure, fused_features
 
 
+def _funnel_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(attention_mask, token_type_ids)`` of a Funnel case: the last quarter of the last sequence is padding;
+    [cls] has type 2, the first half type 0, the second half type 1."""
+    B, T = case.batch, case.seqlen_q
+    mask = torch.ones(B, T, device=case.device)
+    mask[-1, T - T // FUNNEL_PAD_FRACTION:] = 0
+    types = torch.zeros(B, T, device=case.device, dtype=torch.long)
+    types[:, 0] = 2  # [cls]
+    types[:, T // 2:] = 1
+    return mask, types
+
+
 class FunnelOp(Op):
     name = "funnel"
     grad_names = ("dx",)
@@ -360,13 +376,8 @@ class FunnelOp(Op):
         return {"x": (case.batch, case.seqlen_q, d), "dout": (case.batch, self.out_len(case), d)}
 
     def context(self, case, dtype: torch.dtype | None = None):
-        B, T = case.batch, case.seqlen_q
         dtype = dtype or case.torch_dtype
-        mask = torch.ones(B, T, device=case.device)
-        mask[-1, T - T // FUNNEL_PAD_FRACTION:] = 0
-        types = torch.zeros(B, T, device=case.device, dtype=torch.long)
-        types[:, 0] = 2  # [cls]
-        types[:, T // 2:] = 1
+        mask, types = _funnel_inputs(case)
         layers = funnel_layers(self.d_model(case), case.heads_q, case.headdim, case.device, dtype,
                                attention_type=case.pattern or FUNNEL_TYPES[0])
         layer, structure, fused, fused_structure, fused_features = layers
@@ -395,6 +406,199 @@ class FunnelOp(Op):
         return Reference(out=out.detach(), grads=grads)
 
 
+# The whole-model op: Hugging Face FunnelBaseModel's layer blocks (4 layers; the third pools the queries).
+FUNNEL_MODEL_BLOCKS = (2, 2)
+# The fused models of a funnel-model case: the default route (the relative-position band) and the features route.
+FUNNEL_MODEL_VERSIONS = {"band": None, "features": "features"}
+
+
+def funnel_models(d_model: int, n_head: int, d_head: int, device, dtype, *, attention_type: str = FUNNEL_TYPES[0],
+                  d_inner: int | None = None, block_sizes: tuple[int, ...] = FUNNEL_MODEL_BLOCKS,
+                  versions=("eager", *FUNNEL_MODEL_VERSIONS), backend: str | None = None) -> tuple:
+    """``(config, {version: model})``: a random-init ``FunnelBaseModel`` (torch's default init under seed
+    :data:`CONTEXT_SEED`, dropout off, eval mode) as ``"eager"``, and copies of it patched by
+    :func:`effattn.integrations.funnel.patch` on each route of :data:`FUNNEL_MODEL_VERSIONS` named in ``versions``."""
+    from transformers import FunnelBaseModel, FunnelConfig
+
+    from effattn.integrations import funnel as ef
+
+    cfg = FunnelConfig(d_model=d_model, n_head=n_head, d_head=d_head,
+                       d_inner=d_inner or FUNNEL_INNER_MULTIPLE * d_model, block_sizes=list(block_sizes),
+                       attention_type=attention_type, hidden_dropout=0.0, attention_dropout=0.0,
+                       activation_dropout=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(CONTEXT_SEED)
+        eager = FunnelBaseModel(cfg)
+    eager = eager.to(device, dtype).eval()
+    models = {"eager": eager} if "eager" in versions else {}
+    for name, route in FUNNEL_MODEL_VERSIONS.items():
+        if name in versions:
+            models[name] = ef.patch(copy.deepcopy(eager), backend=backend, route=route)
+    return cfg, models
+
+
+@dataclass
+class FunnelModelContext:
+    """The models of a funnel-model case (:func:`funnel_models`) and their inputs' mask and token types."""
+
+    models: dict
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+
+    def call(self, version: str):
+        """``inputs_embeds (B, T, d_model) -> last hidden state``; ``params``: every weight of the model (a
+        backward is a training step's)."""
+        model = self.models[version]
+        mask, types = self.attention_mask, self.token_type_ids
+
+        def forward(x):
+            return model(inputs_embeds=x, attention_mask=mask, token_type_ids=types).last_hidden_state
+
+        # inputs_embeds bypasses the word embeddings: every other weight takes part
+        forward.params = tuple(p for n, p in model.named_parameters() if not n.startswith("embeddings.word_"))
+        return forward
+
+
+class FunnelModelOp(FunnelOp):
+    name = "funnel-model"
+    # A whole model against float64: four layers, feed-forward blocks and layer norms add up.
+    tolerance_factor = 10.0
+
+    def out_len(self, case):
+        return self._lengths(case)[-1][0]
+
+    def _lengths(self, case) -> list[tuple[int, int]]:
+        """``(query rows, keys)`` of each layer: the first layer of every block after the first pools the queries."""
+        pool, T, lengths = query_pool(case), case.seqlen_q, []
+        for block, size in enumerate(FUNNEL_MODEL_BLOCKS):
+            for layer in range(size):
+                tq = pool.pooled_len(T) if block > 0 and layer == 0 else T
+                lengths.append((tq, T))
+                T = tq
+        return lengths
+
+    def context(self, case, dtype: torch.dtype | None = None, versions=("eager", *FUNNEL_MODEL_VERSIONS)):
+        _, models = funnel_models(self.d_model(case), case.heads_q, case.headdim, case.device,
+                                  dtype or case.torch_dtype, attention_type=case.pattern or FUNNEL_TYPES[0],
+                                  versions=versions)
+        return FunnelModelContext(models, *_funnel_inputs(case))
+
+    def cost(self, case, context):
+        """Per layer: the four projections, the feed-forward block and the content attention of an ordinary
+        layer; no credit for the position and token-type terms (as the ``funnel`` op)."""
+        B, d, size = case.batch, self.d_model(case), case.torch_dtype.itemsize
+        d_inner = FUNNEL_INNER_MULTIPLE * d
+        fwd = bwd = 0
+        for tq, tk in self._lengths(case):
+            linear = 2 * B * d * (d * (2 * tq + 2 * tk) + 2 * tq * d_inner)
+            fwd += linear + 4 * B * tq * tk * d  # QK^T and PV
+            bwd += LINEAR_BWD_FACTOR * linear + 10 * B * tq * tk * d  # dV, dP, dQ, dK (effattn.profile)
+        layers = sum(FUNNEL_MODEL_BLOCKS)
+        weights = layers * (4 * d * d + 2 * d * d_inner) * size
+        activations = B * (case.seqlen_q + self.out_len(case)) * d * size
+        return Cost(fwd_flops=fwd, bwd_flops=bwd, fwd_bytes=weights + activations,
+                    bwd_bytes=2 * (weights + activations))
+
+    def reference(self, case, args, dout, context, ref):
+        dt = reference_dtype(case)
+        (x,) = args
+        x = x.detach().to(dt).requires_grad_(case.needs_grad)
+        with torch.set_grad_enabled(case.needs_grad):
+            out = self.context(case, dtype=dt, versions=("eager",)).call("eager")(x)
+        grads = torch.autograd.grad(out, (x,), dout.to(dt)) if case.needs_grad else None
+        return Reference(out=out.detach(), grads=grads)
+
+
+# Lengths of the sequences of a varlen case, as shares of its longest (T), cycled: mixed, none below T/20.
+VARLEN_SHARES = (1.0, 0.3, 0.6, 0.15, 0.8, 0.45, 0.05, 0.9)
+
+
+def varlen_lengths(case: Case) -> list[int]:
+    """The ``B`` sequence lengths of a varlen case (the first is ``T``)."""
+    return [max(1, round(case.seqlen_q * VARLEN_SHARES[i % len(VARLEN_SHARES)])) for i in range(case.batch)]
+
+
+@dataclass
+class VarlenContext:
+    """A varlen case's sequences: ``cu_seqlens (B + 1,)`` int32 and the gather/scatter between the packed
+    ``(total, H, D)`` rows and a right-padded ``(B, T, H, D)`` batch (what a padding implementation pays)."""
+
+    lengths: list[int]
+    cu_seqlens: torch.Tensor
+    padded_index: torch.Tensor  # (total,) row of the flattened (B * T) padded batch holding each packed row
+    key_padding_mask: torch.Tensor  # (B, T) bool
+    segment_ids: torch.Tensor  # (1, total) sequence of each packed row
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``(total, H, D) -> (B, H, T, D)``, zeros past each sequence."""
+        B, T = self.key_padding_mask.shape
+        out = x.new_zeros(B * T, *x.shape[1:])
+        out = out.index_copy(0, self.padded_index, x)
+        return out.view(B, T, *x.shape[1:]).transpose(1, 2)
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, H, T, D) -> (total, H, D)``."""
+        return y.transpose(1, 2).flatten(0, 1).index_select(0, self.padded_index)
+
+
+class VarlenOp(Op):
+    name = "varlen"
+
+    def shapes(self, case):
+        total = sum(varlen_lengths(case))
+        return {"q": (total, case.heads_q, case.headdim), "k": (total, case.heads_kv, case.headdim),
+                "v": (total, case.heads_kv, case.headdim), "dout": (total, case.heads_q, case.headdim)}
+
+    def context(self, case):
+        lengths = varlen_lengths(case)
+        T, dev = case.seqlen_q, case.device
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+        index = torch.cat([torch.arange(L) + i * T for i, L in enumerate(lengths)]).to(dev)
+        kpm = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+        segments = torch.cat([torch.full((L,), i) for i, L in enumerate(lengths)])[None].to(dev)
+        return VarlenContext(lengths, cu, index, kpm.to(dev), segments)
+
+    def cost(self, case, context):
+        from bench.flops import visible_pairs
+
+        pairs = sum(visible_pairs(L, L, case.causal) for L in context.lengths)
+        total = sum(context.lengths)
+        c = attention_cost_for(case, batch=1, tq=total, tk=total, pairs=pairs)
+        return _as_cost(c, extra_bytes=2 * 4 * len(context.lengths))
+
+    def reference(self, case, args, dout, context, ref):
+        import effattn
+
+        dt = reference_dtype(case)
+        leaves = [x.detach().to(dt).requires_grad_(case.needs_grad) for x in args]
+        with torch.set_grad_enabled(case.needs_grad):
+            out, lse = effattn.varlen_attention(*leaves, context.cu_seqlens, context.cu_seqlens, causal=case.causal,
+                                                scale=_scale(case), return_lse=True, backend="reference")
+        grads = torch.autograd.grad(out, leaves, dout.to(dt)) if case.needs_grad else None
+        return Reference(out=out.detach(), lse=lse.detach(), grads=grads)
+
+
+class DecodeOp(Op):
+    name = "decode"
+
+    def cost(self, case, context):
+        return _as_cost(_attention_cost(case, case.seqlen_k, case.seqlen_q))
+
+    def reference(self, case, args, dout, context, ref):
+        from effattn.reference import attention_forward
+
+        q, k, v = (x.detach().to(reference_dtype(case)) for x in args)
+        return Reference(*attention_forward(q, k, v, scale=_scale(case)))
+
+
+def attention_cost_for(case: Case, *, batch: int, tq: int, tk: int, pairs: int):
+    """:func:`effattn.profile.attention_cost` of ``pairs`` per head, ``batch`` rows of ``tq`` queries, ``tk`` keys."""
+    from effattn.profile import attention_cost
+
+    return attention_cost(batch, case.heads_q, case.heads_kv, tq, tk, case.headdim, case.headdim, pairs,
+                          case.torch_dtype.itemsize)
+
+
 class PredictOp(Op):
     name = "predict"
     grad_names = ()
@@ -418,4 +622,5 @@ def kept_top_k(case: Case) -> int:
     return max(1, round((1.0 - case.sparsity) * n_kv_blocks))
 
 
-OPS: dict[str, Op] = {op.name: op for op in (AttentionOp(), PooledOp(), SparseOp(), FunnelOp(), PredictOp())}
+OPS: dict[str, Op] = {op.name: op for op in (AttentionOp(), PooledOp(), SparseOp(), FunnelOp(), FunnelModelOp(),
+                                             VarlenOp(), DecodeOp(), PredictOp())}

@@ -13,13 +13,18 @@ What each provider does per op:
 
 * ``naive``: materialises the ``(B, H, Tq, Tk)`` scores (pooled: pools q first; sparse: the mask
   expanded to elements; funnel: Hugging Face's eager Funnel layer of the case's attention type;
+  funnel-model: Hugging Face's FunnelBaseModel; varlen: the sequences padded to a batch, key padding as a mask;
   predict: the oracle, the top blocks of the true attention's block-max map).
 * ``sdpa*``, ``flex``: pooled: q pooled in PyTorch first; sparse: SDPA with the expanded boolean mask,
   FlexAttention with the same mask converted (``BlockMask.to_flex``).
-* ``effattn*``: ``flash_attention``, ``pooled_attention`` (pooling inside the kernel),
+* ``effattn*``: ``flash_attention``, ``pooled_attention`` (pooling inside the kernel), ``varlen_attention``
+  (varlen: the packed sequences natively; decode: the KV cache as varlen caches, split-KV on a GPU),
   ``sparse_attention``, the fused Funnel layer (``effattn.integrations.funnel``: the relative-position
   band kernel); ``effattn-prepool``: pooled with q pooled in PyTorch first, then ``flash_attention``;
-  ``effattn-features``: the fused Funnel layer with the position term as ``d_model`` extra q/k features.
+  ``effattn-features``: the fused Funnel layer with the position term as ``d_model`` extra q/k features;
+  ``effattn-padded``, ``effattn-segments``: varlen as padding + dense ``flash_attention`` with a key padding
+  mask, or as one packed row with ``segment_ids`` (the block-sparse kernels); ``effattn-flash``: decode as a
+  plain ``flash_attention`` call.
 * ``gate``, ``sparsefinder``: ``effattn.sparsity``'s predictors (untrained weights, seeded: the cost of
   a prediction does not depend on training).
 
@@ -39,7 +44,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.cases import OP_NAMES, Case
+from bench.cases import FUNNEL_OPS, OP_NAMES, Case
 
 AttentionFn = Callable[..., object]
 
@@ -151,7 +156,7 @@ class NaiveProvider(Provider):
 
     def not_supported_reasons(self, case, requested=False):
         reasons = _import_reasons("effattn.reference")
-        if case.op == "funnel":
+        if case.op in FUNNEL_OPS:
             reasons += _import_reasons("transformers")
         return reasons or _materialised_reasons(case, case.torch_dtype.itemsize)
 
@@ -160,6 +165,11 @@ class NaiveProvider(Provider):
 
         if case.op == "funnel":
             return context.call(fused=False)
+        if case.op == "funnel-model":
+            return context.call("eager")
+        if case.op == "varlen":
+            mask = _padded_mask(case, context)
+            return lambda q, k, v: context.unpad(naive_attention(context.pad(q), context.pad(k), context.pad(v), mask))
         if case.op == "predict":
             return _oracle(case)
         if case.op == "pooled":
@@ -205,7 +215,7 @@ class SdpaProvider(Provider):
     """``torch.nn.functional.scaled_dot_product_attention``, on torch's choice of backend or a forced one."""
 
     peer = True
-    ops = ("attention", "pooled", "sparse", "funnel")
+    ops = ("attention", "pooled", "sparse", *FUNNEL_OPS, "varlen", "decode")
 
     def __init__(self, backend_name: str | None = None):
         self.backend_name = backend_name
@@ -224,7 +234,7 @@ class SdpaProvider(Provider):
         return member
 
     def not_supported_reasons(self, case, requested=False):
-        if case.op == "funnel":
+        if case.op in FUNNEL_OPS:
             return [FUNNEL_REASON["sdpa"]]
         reasons = []
         if case.op == "sparse":  # the boolean mask, expanded to elements
@@ -246,6 +256,10 @@ class SdpaProvider(Provider):
         if case.op == "sparse":
             dense = context.to_dense()
             return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        if case.op == "varlen":
+            mask, gqa = _padded_mask(case, context), case.gqa > 1
+            return lambda q, k, v: context.unpad(F.scaled_dot_product_attention(
+                context.pad(q), context.pad(k), context.pad(v), attn_mask=mask, enable_gqa=gqa))
         kwargs = {"enable_gqa": case.gqa > 1}
         if case.causal and case.seqlen_q == case.seqlen_k:
             kwargs["is_causal"] = True
@@ -286,11 +300,13 @@ class FlexProvider(Provider):
     description = ("torch.nn.attention.flex_attention compiled with torch.compile: causal as a block mask, "
                    "sparse with the mask converted (BlockMask.to_flex), pooled on pre-pooled q")
     peer = True
-    ops = ("attention", "pooled", "sparse", "funnel")
+    ops = ("attention", "pooled", "sparse", *FUNNEL_OPS, "varlen", "decode")
 
     def not_supported_reasons(self, case, requested=False):
-        if case.op == "funnel":
+        if case.op in FUNNEL_OPS:
             return [FUNNEL_REASON["flex"]]
+        if case.op in ("varlen", "decode"):
+            return [f"no {case.op} case built on FlexAttention (not written)"]
         reasons = _import_reasons("torch.nn.attention.flex_attention")
         if not reasons and case.device == "cpu" and case.needs_grad:
             reasons.append("FlexAttention has no backward on CPU")
@@ -348,11 +364,11 @@ class EffattnProvider(Provider):
         self.description = ("effattn, automatic backend (the first of effattn.backends.AUTO_ORDER that runs the "
                             "case)" if backend is None else f"effattn with backend={backend!r}")
         # The fused Funnel layer picks its backend itself (the automatic one).
-        self.ops = ("attention", "pooled", "sparse") + (("funnel",) if backend is None else ())
+        self.ops = ("attention", "pooled", "sparse", "varlen", "decode") + (FUNNEL_OPS if backend is None else ())
 
     def not_supported_reasons(self, case, requested=False):
         reasons = _import_reasons("effattn")
-        if case.op == "funnel":
+        if case.op in FUNNEL_OPS:
             reasons += _import_reasons("transformers")
         if self.backend == "triton":
             reasons += _import_reasons("triton")
@@ -373,7 +389,8 @@ class EffattnProvider(Provider):
         call = AttentionCall(device=torch.device(case.device), dtype=case.torch_dtype, head_dim_qk=case.headdim,
                              head_dim_v=case.headdim, Tq=case.seqlen_q, Tk=case.seqlen_k, dropout=False,
                              batch=case.batch, heads=case.heads_q,
-                             pool=query_pool(case) if case.op == "pooled" else None)
+                             pool=query_pool(case) if case.op == "pooled" else None,
+                             varlen=case.op in ("varlen", "decode"))
         return backend.not_supported_reasons(call, forced=True)
 
     def build(self, case, context=None, sample=None):
@@ -382,11 +399,19 @@ class EffattnProvider(Provider):
         scale = 1.0 / math.sqrt(case.headdim)
         if case.op == "funnel":
             return context.call(fused=True)
+        if case.op == "funnel-model":
+            return context.call("band")
         if case.op == "pooled":
             return functools.partial(effattn.pooled_attention, stride=case.stride, separate_cls=True, truncate=True,
                                      scale=scale, backend=self.backend)
         if case.op == "sparse":
             return lambda q, k, v: effattn.sparse_attention(q, k, v, context, scale=scale, backend=self.backend)
+        if case.op == "varlen":
+            cu = context.cu_seqlens
+            return functools.partial(effattn.varlen_attention, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=case.causal,
+                                     scale=scale, backend=self.backend)
+        if case.op == "decode":
+            return _decode_as_varlen(case, scale, self.backend)
         return functools.partial(effattn.flash_attention, causal=case.causal, scale=scale, backend=self.backend)
 
 
@@ -397,13 +422,98 @@ class EffattnFeaturesProvider(Provider):
     name = "effattn-features"
     description = ("funnel: the fused layer with the position term as d_model extra q/k features (the route "
                    "before the relative-position band kernel), automatic backend")
-    ops = ("funnel",)
+    ops = FUNNEL_OPS
 
     def not_supported_reasons(self, case, requested=False):
         return _import_reasons("effattn") + _import_reasons("transformers")
 
     def build(self, case, context=None, sample=None):
+        if case.op == "funnel-model":
+            return context.call("features")
         return context.call(fused=True, route="features")
+
+
+def _padded_mask(case: Case, context) -> torch.Tensor:
+    """The bool attention mask ``(B, 1, T, T)`` of a varlen case padded to a batch: key padding (and causal)."""
+    keep = context.key_padding_mask[:, None, None, :]
+    if case.causal:
+        T = case.seqlen_q
+        keep = keep & torch.ones(T, T, dtype=torch.bool, device=case.device).tril()
+    return keep
+
+
+def _decode_as_varlen(case: Case, scale: float, backend: str | None):
+    """Decoding ``q (B, Hq, 1, D)`` against caches ``k, v (B, Hkv, T, D)`` through ``effattn.varlen_attention``
+    (one query per sequence, the caches as (B, T, Hkv, D) views, every slot used)."""
+    import effattn
+
+    B, T = case.batch, case.seqlen_k
+    cu = torch.arange(B + 1, dtype=torch.int32, device=case.device)
+    used = torch.full((B,), T, dtype=torch.int32, device=case.device)
+
+    def decode(q, k, v):
+        out = effattn.varlen_attention(q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), cu, seqused_k=used,
+                                       scale=scale, backend=backend)
+        return out[:, :, None]
+
+    return decode
+
+
+class EffattnPaddedProvider(Provider):
+    """Varlen the way it is done without varlen kernels: pad to a batch, key padding mask, dense flash attention."""
+
+    name = "effattn-padded"
+    description = "varlen: the sequences padded to a batch, effattn.flash_attention with a key padding mask"
+    ops = ("varlen",)
+
+    def not_supported_reasons(self, case, requested=False):
+        return _import_reasons("effattn")
+
+    def build(self, case, context=None, sample=None):
+        import effattn
+
+        scale, kpm = 1.0 / math.sqrt(case.headdim), context.key_padding_mask
+        return lambda q, k, v: context.unpad(effattn.flash_attention(
+            context.pad(q), context.pad(k), context.pad(v), causal=case.causal, key_padding_mask=kpm, scale=scale))
+
+
+class EffattnSegmentsProvider(Provider):
+    """Varlen as one packed row with ``segment_ids``: the block-sparse kernels skip cross-sequence blocks."""
+
+    name = "effattn-segments"
+    description = "varlen: one packed row, effattn.flash_attention(segment_ids=...) (block-sparse kernels)"
+    ops = ("varlen",)
+
+    def not_supported_reasons(self, case, requested=False):
+        return _import_reasons("effattn")
+
+    def build(self, case, context=None, sample=None):
+        import effattn
+
+        scale, ids = 1.0 / math.sqrt(case.headdim), context.segment_ids
+
+        def attn(q, k, v):
+            out = effattn.flash_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                          causal=case.causal, segment_ids=ids, scale=scale)
+            return out[0].transpose(0, 1)
+
+        return attn
+
+
+class EffattnFlashDecodeProvider(Provider):
+    """Decoding as a plain flash attention call (one query row per sequence, one program per head)."""
+
+    name = "effattn-flash"
+    description = "decode: a plain effattn.flash_attention call of the one query against the cache"
+    ops = ("decode",)
+
+    def not_supported_reasons(self, case, requested=False):
+        return _import_reasons("effattn")
+
+    def build(self, case, context=None, sample=None):
+        import effattn
+
+        return functools.partial(effattn.flash_attention, scale=1.0 / math.sqrt(case.headdim))
 
 
 class EffattnPrepoolProvider(Provider):
@@ -487,6 +597,9 @@ PROVIDERS: dict[str, Provider] = {
         EffattnProvider("cpp"),
         EffattnPrepoolProvider(),
         EffattnFeaturesProvider(),
+        EffattnPaddedProvider(),
+        EffattnSegmentsProvider(),
+        EffattnFlashDecodeProvider(),
         PredictorProvider("gate"),
         PredictorProvider("sparsefinder"),
     )

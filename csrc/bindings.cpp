@@ -102,7 +102,7 @@ PYBIND11_MODULE(_C, m) {
       EA_FIELD(dout) EA_FIELD(dq) EA_FIELD(dk) EA_FIELD(dv) EA_FIELD(sdo) EA_FIELD(sdq) EA_FIELD(sdk)
       EA_FIELD(sdv) EA_FIELD(delta) EA_FIELD(dlse)
       EA_FIELD(B) EA_FIELD(Hq) EA_FIELD(Hkv) EA_FIELD(Tq) EA_FIELD(Tk) EA_FIELD(T_in) EA_FIELD(T_src)
-      EA_FIELD(Dqk) EA_FIELD(Dv) EA_FIELD(dtype) EA_FIELD(scale)
+      EA_FIELD(Dqk) EA_FIELD(Dv) EA_FIELD(dtype) EA_FIELD(scale) EA_FIELD(softcap) EA_FIELD(alibi) EA_FIELD(alibi_sb)
       EA_FIELD(window_left) EA_FIELD(window_right) EA_FIELD(diag_offset)
       EA_FIELD(pool_stride) EA_FIELD(pool_mode) EA_FIELD(pool_cls)
       EA_FIELD(sparse) EA_FIELD(block_q) EA_FIELD(block_kv) EA_FIELD(kv_partial) EA_FIELD(kv_full)
@@ -146,7 +146,8 @@ PYBIND11_MODULE(_C, m) {
         EA_RP(sq) EA_RP(sk) EA_RP(sv) EA_RP(sqr) EA_RP(sR) EA_RP(stt) EA_RP(o) EA_RP(lse) EA_RP(so)
         EA_RP(dout) EA_RP(delta) EA_RP(dq) EA_RP(dk) EA_RP(dv) EA_RP(dqr) EA_RP(dR) EA_RP(dtt) EA_RP(sdo)
         EA_RP(B) EA_RP(Hq) EA_RP(Hkv) EA_RP(Tq) EA_RP(Tk) EA_RP(NR) EA_RP(D) EA_RP(Dv) EA_RP(dtype) EA_RP(scale)
-        EA_RP(rel_stride) EA_RP(separate_cls) EA_RP(cls_type) EA_RP(tile_m) EA_RP(tile_n) EA_RP(num_threads);
+        EA_RP(rel_stride) EA_RP(separate_cls) EA_RP(cls_type) EA_RP(dropout_p) EA_RP(seed) EA_RP(tile_m)
+        EA_RP(tile_n) EA_RP(num_threads);
 #undef EA_RP
     m.def("cpu_relpos_forward", &cpu::relpos_forward, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
           "C++ CPU relative-position attention forward: writes out and lse.");

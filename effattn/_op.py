@@ -38,13 +38,14 @@ def mask_kind(mask: torch.Tensor | None) -> str:
 
 def prepare(q: torch.Tensor, shape: _validate.QKVShape, backend: str | None, scale: float | None, *,
             dropout_p: float = 0.0, mask: torch.Tensor | None = None, pool: QueryPool | None = None,
-            block_size: tuple[int, int] | None = None) -> tuple[str, float]:
+            block_size: tuple[int, int] | None = None, softcap: bool = False, alibi: bool = False,
+            varlen: bool = False) -> tuple[str, float]:
     """The backend that runs a checked call (by name, as the ops take it) and its scale (default
     ``1 / sqrt(Dqk)``); raises :class:`~effattn.UnsupportedInputError` with the reasons when none can."""
     call = AttentionCall(device=q.device, dtype=q.dtype, head_dim_qk=shape.Dqk, head_dim_v=shape.Dv,
                          Tq=shape.Tq if pool is None else pool.pooled_len(shape.Tq), Tk=shape.Tk,
                          dropout=dropout_p > 0.0, batch=shape.B, heads=shape.Hq, pool=pool, mask=mask_kind(mask),
-                         block_size=block_size)
+                         block_size=block_size, softcap=softcap, alibi=alibi, varlen=varlen)
     chosen = select_backend(call, backend)
     return chosen.name, 1.0 / math.sqrt(shape.Dqk) if scale is None else float(scale)
 
@@ -69,6 +70,11 @@ class _SavedList:
     n: int
 
 
+@dataclass(frozen=True)
+class _SavedTensor:
+    """Stands in ``ctx`` for a tensor argument (that takes no gradient) saved for backward."""
+
+
 def _is_tensor_list(x) -> bool:
     return isinstance(x, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in x)
 
@@ -80,12 +86,14 @@ def _no_grad(tensors: list):
 
 
 def setup_context(ctx, inputs, output):
-    """Save what ``bwd`` needs: q, k, v, out, lse, mask, and the extra arguments (lists of tensors
-    saved for backward, flattened; scalars kept as they are)."""
+    """Save what ``bwd`` needs: q, k, v, out, lse, mask, and the extra arguments (lists of tensors and then
+    single tensors saved for backward, flattened; scalars kept as they are). Extra tensors take no gradient."""
     q, k, v, mask, *extra = inputs
     out, lse = output
-    ctx.extra = [_SavedList(len(x)) if _is_tensor_list(x) else x for x in extra]
-    ctx.save_for_backward(q, k, v, out, lse, mask, *(t for x in extra if _is_tensor_list(x) for t in x))
+    ctx.extra = [_SavedList(len(x)) if _is_tensor_list(x) else _SavedTensor() if isinstance(x, torch.Tensor) else x
+                 for x in extra]
+    ctx.save_for_backward(q, k, v, out, lse, mask, *(t for x in extra if _is_tensor_list(x) for t in x),
+                          *(x for x in extra if isinstance(x, torch.Tensor)))
 
 
 def backward_with(bwd_op):
@@ -95,6 +103,7 @@ def backward_with(bwd_op):
         q, k, v, out, lse, mask, *flat = ctx.saved_tensors
         flat = iter(flat)
         extra = [[next(flat) for _ in range(x.n)] if isinstance(x, _SavedList) else x for x in ctx.extra]
+        extra = [next(flat) if isinstance(x, _SavedTensor) else x for x in extra]  # saved after the lists
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = bwd_op(dout, q, k, v, out, lse, mask, dlse, *extra)

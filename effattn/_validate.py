@@ -7,6 +7,7 @@ expected.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -126,3 +127,32 @@ def check_attn_mask(mask, target: tuple[int, ...], device: torch.device) -> None
         raise ValueError(f"attn_mask must be on {device}, got {mask.device}")
     if mask.requires_grad:
         raise ValueError("attn_mask requires grad: gradients with respect to the mask are not supported")
+
+
+def softcap_value(softcap) -> float:
+    """``softcap`` (None or 0: off) as a float >= 0."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0 or None: off), got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap}")
+    return float(softcap)
+
+
+def alibi_slopes(slopes, shape: QKVShape, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """``alibi_slopes`` of shape ``(Hq,)`` or ``(B, Hq)`` (floating) as a contiguous ``(B, Hq)`` tensor of
+    ``dtype``, or None."""
+    if slopes is None:
+        return None
+    check_tensor("alibi_slopes", slopes)
+    if not slopes.dtype.is_floating_point:
+        raise TypeError(f"alibi_slopes must be a floating tensor (float32, as flash-attn's), got {slopes.dtype}")
+    if tuple(slopes.shape) not in ((shape.Hq,), (shape.B, shape.Hq)):
+        raise ValueError(f"alibi_slopes must have shape (Hq,) = ({shape.Hq},) or (B, Hq) = {(shape.B, shape.Hq)}, "
+                         f"got {tuple(slopes.shape)}")
+    if slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on {device}, got {slopes.device}")
+    if slopes.requires_grad:
+        raise ValueError("alibi_slopes cannot require grad (the kernels give no gradient for the slopes)")
+    return slopes.to(dtype).expand(shape.B, shape.Hq).contiguous()

@@ -33,7 +33,9 @@ class AttentionCall:
 
     ``Tq`` is the length of the output rows (the pooled length for pooled attention); ``heads`` the
     number of query heads; ``mask`` one of :data:`MASK_KINDS`; ``block_size`` the ``(BLOCK_Q,
-    BLOCK_KV)`` of the BlockMask of a block-sparse call, None for a dense one.
+    BLOCK_KV)`` of the BlockMask of a block-sparse call, None for a dense one; ``softcap`` and ``alibi``:
+    whether the call soft-caps its scores or adds ALiBi biases (:mod:`effattn.reference`); ``varlen``: a call of
+    :func:`effattn.varlen_attention` (``Tq``/``Tk`` then its longest sequences, ``batch`` the sequences).
     """
 
     device: torch.device
@@ -48,6 +50,9 @@ class AttentionCall:
     pool: reference.QueryPool | None = None
     mask: str = "none"
     block_size: tuple[int, int] | None = None
+    softcap: bool = False  # scores soft-capped (softcap > 0)
+    alibi: bool = False  # ALiBi slopes given
+    varlen: bool = False  # packed variable-length sequences (effattn.varlen_attention)
 
     def __post_init__(self):
         if self.mask not in MASK_KINDS:
@@ -110,6 +115,16 @@ def _grid_reasons(call: AttentionCall, most: int) -> list[str]:
     return []
 
 
+def _score_mod_reasons(call: AttentionCall, where: str, softcap: bool = False, alibi: bool = False) -> list[str]:
+    """Reasons for the score modifiers ``call`` uses that ``where`` lacks (``softcap``/``alibi``: it has them)."""
+    reasons = []
+    if call.softcap and not softcap:
+        reasons.append(f"softcap is not implemented in {where}")
+    if call.alibi and not alibi:
+        reasons.append(f"alibi_slopes is not implemented in {where}")
+    return reasons
+
+
 def _pool_reasons(call: AttentionCall) -> list[str]:
     if call.pool is not None and call.pool.separate_cls and call.pool.stride == 1:
         return ["separate_cls with stride 1 (the [cls] row would be pooled twice)"]
@@ -136,10 +151,14 @@ class ReferenceBackend(Backend):
     def not_supported_reasons(self, call, forced=False):
         return [] if call.dtype in self.dtypes else [f"dtype {call.dtype} not supported"]
 
-    def forward(self, q, k, v, mask, **kw):
+    def forward(self, q, k, v, mask, *, varlen=None, **kw):
+        if varlen is not None:
+            return reference.varlen_forward(q, k, v, varlen, **kw)
         return reference.attention_forward(q, k, v, mask, **kw)
 
-    def backward(self, dout, q, k, v, out, lse, mask, dlse, **kw):
+    def backward(self, dout, q, k, v, out, lse, mask, dlse, *, varlen=None, **kw):
+        if varlen is not None:
+            return reference.varlen_backward(dout, q, k, v, out, lse, dlse, varlen, **kw)
         return reference.attention_backward(dout, q, k, v, out, lse, mask, dlse, **kw)
 
     def sparse_forward(self, q, k, v, block_mask, key_padding_mask, *, scale):
@@ -215,7 +234,7 @@ class TritonBackend(Backend):
             reasons.append("dropout needs sequence lengths below 2**32 (32-bit Philox counters)")
         if call.pool is not None and call.pool.stride > self.max_pool_stride:
             reasons.append(f"pooling stride {call.pool.stride} is more than {self.max_pool_stride}")
-        return reasons + _pool_reasons(call)
+        return reasons + _pool_reasons(call) + _score_mod_reasons(call, "the Triton kernels", softcap=True, alibi=True)
 
     @property
     def _kernels(self):
@@ -355,6 +374,9 @@ class CudaBackend(_ExtensionBackend):
             reasons += self._device_reasons()
         if call.dropout:
             reasons.append("dropout is not implemented in the CUDA kernels")
+        reasons += _score_mod_reasons(call, "the CUDA kernels")
+        if call.varlen:
+            reasons.append("varlen is not implemented in the CUDA kernels")
         for what, d in (("q/k", call.head_dim_qk), ("v", call.head_dim_v)):
             if d > self.max_head_dim:
                 reasons.append(f"head dim of {what} is {d}, more than {self.max_head_dim} (the CUDA kernels pad "
@@ -377,6 +399,9 @@ class CppBackend(_ExtensionBackend):
         reasons = super().not_supported_reasons(call, forced)
         if call.dropout and max(call.Tq, call.Tk) > limits.DROPOUT_MAX_LEN:
             reasons.append("dropout needs sequence lengths below 2**32 (32-bit Philox counters)")
+        reasons += _score_mod_reasons(call, "the C++ CPU kernels", softcap=True, alibi=True)
+        if call.varlen:
+            reasons.append("varlen is not implemented in the C++ CPU kernels (the reference runs it)")
         if call.dtype == torch.float64 and not forced:
             # a scalar, single-threaded path (kept for the twin's tests): float64 goes to the reference
             reasons.append("float64 runs the reference unless backend='cpp' is named")
@@ -386,21 +411,13 @@ class CppBackend(_ExtensionBackend):
     def relpos_reasons(self, call):
         if call is not None and call.dtype == torch.float64:
             return ["float64 is not implemented in the C++ relative-position kernel (the reference runs it)"]
-        if call is not None and call.dropout:
-            return ["dropout is not implemented in the C++ relative-position kernel"]
         return []
 
-    def relpos_forward(self, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, *, dropout_p=0.0, seed=0,
-                       **kw):
-        if dropout_p:
-            raise ValueError("the C++ relative-position kernel has no dropout")
+    def relpos_forward(self, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, **kw):
         from effattn import relpos_cpu
         return relpos_cpu.relpos_forward(q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, **kw)
 
-    def relpos_backward(self, dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, *,
-                        dropout_p=0.0, seed=0, **kw):
-        if dropout_p:
-            raise ValueError("the C++ relative-position kernel has no dropout")
+    def relpos_backward(self, dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse, dlse, **kw):
         from effattn import relpos_cpu
         return relpos_cpu.relpos_backward(dout, q, k, v, qr, R, tt, q_types, k_types, key_padding_mask, out, lse,
                                           dlse, **kw)

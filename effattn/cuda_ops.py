@@ -11,9 +11,13 @@ Semantics are those of :mod:`effattn.reference` (same arguments as the Triton la
 ``-inf`` (and output 0) for a row with no visible key; query pooling follows :class:`QueryPool`.
 Dropout (dense and pooled attention) runs in the C++ CPU implementation, with the Philox draws of
 :func:`effattn.reference.dropout_keep` (``csrc/common/philox.h``); the CUDA kernels do not implement it.
+Nor do they implement the score modifiers of dense attention, ``softcap`` and ``alibi_slopes``, which
+the C++ CPU implementation applies as the reference does.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -150,10 +154,29 @@ def _set_dropout(p, kind: str, dropout_p, seed) -> None:
     p.dropout_p, p.seed = float(dropout_p), seed
 
 
+def _set_score_mods(p, kind: str, softcap, alibi_slopes, q, keep: list) -> None:
+    """The soft cap and the ALiBi slopes (C++ CPU implementation only; :mod:`effattn.reference`)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"effattn extension launcher: softcap must be a float, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        _fail(f"softcap must be a finite float >= 0 (0: none), got {softcap}")
+    if kind == "cuda" and (softcap > 0.0 or alibi_slopes is not None):
+        _fail("softcap and alibi_slopes are not implemented in the CUDA kernels")
+    p.softcap = float(softcap)
+    if alibi_slopes is None:
+        return
+    _check_tensor("alibi_slopes", alibi_slopes, device=q.device, dtype=compute_dtype(q.dtype), shape=(p.B, p.Hq))
+    if not alibi_slopes.is_contiguous():
+        _fail("alibi_slopes must be contiguous")
+    keep.append(alibi_slopes)
+    p.alibi, p.alibi_sb = alibi_slopes.data_ptr(), alibi_slopes.stride(0)
+
+
 # ----------------------------------------------------------------------------------------------
 # dense and pooled attention
 # ----------------------------------------------------------------------------------------------
-def _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed, pool):
+def _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed, pool,
+                  softcap=0.0, alibi_slopes=None):
     """Checks and launch parameters shared by :func:`attn_forward` and :func:`attn_backward`:
     ``(ext, kind, params, keep)``, ``keep`` holding the tensors ``params`` points into."""
     kind = _device_kind(q)
@@ -165,22 +188,25 @@ def _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, 
     p.window_left, p.window_right, p.diag_offset = int(window_left), int(window_right), int(diag_offset)
     keep: list[torch.Tensor] = []
     _set_mask(ext, p, mask, q, keep)
+    _set_score_mods(p, kind, softcap, alibi_slopes, q, keep)
     return ext, kind, p, keep
 
 
 def attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, scale: float,
                  window_left: int = -1, window_right: int = -1, diag_offset: int = 0, dropout_p: float = 0.0,
-                 seed: int = 0, pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 seed: int = 0, pool: QueryPool | None = None, softcap: float = 0.0,
+                 alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on the tensors' device (CUDA kernels or the C++ CPU implementation).
 
     q ``(B, Hq, T, Dqk)``, k ``(B, Hkv, Tk, Dqk)``, v ``(B, Hkv, Tk, Dv)``, any strides; mask None or
     bool/float broadcastable to ``(B, Hq, Tq, Tk)``; with ``pool`` the queries are pooled on load and
     ``Tq = pool.pooled_len(T)``. Returns ``out (B, Hq, Tq, Dv)`` (q's dtype) and ``lse (B, Hq, Tq)``
     (float32, float64 for float64 inputs). ``dropout_p`` > 0 (CPU tensors only) drops probabilities with
-    the Philox draws of ``seed``.
+    the Philox draws of ``seed``. ``softcap`` > 0 and ``alibi_slopes`` (contiguous ``(B, Hq)`` in the
+    dtype of lse) modify the scores as in :mod:`effattn.reference` (CPU tensors only).
     """
     ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed,
-                                       pool)
+                                       pool, softcap, alibi_slopes)
     return _forward(ext, kind, p, q, keep)
 
 
@@ -199,12 +225,14 @@ def _forward(ext, kind, p, q, keep):
 def attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, mask: torch.Tensor | None, dlse: torch.Tensor | None = None, *, scale: float,
                   window_left: int = -1, window_right: int = -1, diag_offset: int = 0, dropout_p: float = 0.0,
-                  seed: int = 0, pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  seed: int = 0, pool: QueryPool | None = None, softcap: float = 0.0,
+                  alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` (like q, k, v) of :func:`attn_forward`, given ``dout (B, Hq, Tq, Dv)``, the
     forward's ``out`` and ``lse`` and optionally ``dlse (B, Hq, Tq)``. With ``pool``, dq is the gradient of
-    the unpooled q (rows that feed no pooled row get 0). ``dropout_p`` and ``seed`` as given to the forward."""
+    the unpooled q (rows that feed no pooled row get 0). ``dropout_p``, ``seed``, ``softcap`` and
+    ``alibi_slopes`` as given to the forward (the slopes get no gradient)."""
     ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed,
-                                       pool)
+                                       pool, softcap, alibi_slopes)
     return _backward(ext, kind, p, dout, q, k, v, out, lse, dlse, pool, keep)
 
 

@@ -27,23 +27,30 @@ __all__ = ["flash_attention", "scaled_dot_product_attention"]
 # ----------------------------------------------------------------------------------------------
 # custom ops
 # ----------------------------------------------------------------------------------------------
-def _kwargs(scale, window_left, window_right, diag_offset, dropout_p, seed):
-    return dict(scale=scale, window_left=window_left, window_right=window_right, diag_offset=diag_offset,
-                dropout_p=dropout_p, seed=seed)
+def _kwargs(scale, window_left, window_right, diag_offset, dropout_p, seed, softcap, alibi_slopes):
+    kw = dict(scale=scale, window_left=window_left, window_right=window_right, diag_offset=diag_offset,
+              dropout_p=dropout_p, seed=seed)
+    if softcap > 0.0:  # score modifiers reach the backends only when used
+        kw["softcap"] = softcap
+    if alibi_slopes is not None:
+        kw["alibi_slopes"] = alibi_slopes
+    return kw
 
 
 @torch.library.custom_op("effattn::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   window_left: int, window_right: int, diag_offset: int, dropout_p: float, seed: int,
+                  softcap: float, alibi_slopes: torch.Tensor | None,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated attention forward on a named backend: ``out (B, Hq, Tq, Dv)``, ``lse (B, Hq, Tq)``."""
-    out, lse = get_backend(backend).forward(q, k, v, mask, **_kwargs(scale, window_left, window_right,
-                                                                      diag_offset, dropout_p, seed))
+    """Validated attention forward on a named backend: ``out (B, Hq, Tq, Dv)``, ``lse (B, Hq, Tq)``.
+    ``alibi_slopes``: ``(B, Hq)`` contiguous, or None; ``softcap`` 0 for none."""
+    out, lse = get_backend(backend).forward(q, k, v, mask, **_kwargs(scale, window_left, window_right, diag_offset,
+                                                                      dropout_p, seed, softcap, alibi_slopes))
     return out, lse.to(compute_dtype(q.dtype))
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed, backend):
+def _(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed, softcap, alibi_slopes, backend):
     B, Hq, Tq, _ = q.shape
     out = q.new_empty(B, Hq, Tq, v.shape[-1])
     lse = q.new_empty(B, Hq, Tq, dtype=compute_dtype(q.dtype))
@@ -54,14 +61,17 @@ def _(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, s
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, mask: torch.Tensor | None, dlse: torch.Tensor | None, scale: float,
                   window_left: int, window_right: int, diag_offset: int, dropout_p: float, seed: int,
+                  softcap: float, alibi_slopes: torch.Tensor | None,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention backward on a named backend: ``dq, dk, dv`` like q, k, v."""
     return get_backend(backend).backward(dout, q, k, v, out, lse, mask, dlse,
-                                         **_kwargs(scale, window_left, window_right, diag_offset, dropout_p, seed))
+                                         **_kwargs(scale, window_left, window_right, diag_offset, dropout_p, seed,
+                                                   softcap, alibi_slopes))
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, mask, dlse, scale, window_left, window_right, diag_offset, dropout_p, seed, backend):
+def _(dout, q, k, v, out, lse, mask, dlse, scale, window_left, window_right, diag_offset, dropout_p, seed, softcap,
+      alibi_slopes, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -76,20 +86,22 @@ _op.register(attention_fwd, attention_bwd, pairs=_pairs)
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
-def _run(q, k, v, mask, shape, *, scale, window_left, window_right, diag_offset, dropout_p, seed, backend):
-    backend, scale = _op.prepare(q, shape, backend, scale, dropout_p=dropout_p, mask=mask)
+def _run(q, k, v, mask, shape, *, scale, window_left, window_right, diag_offset, dropout_p, seed, backend,
+         softcap=0.0, alibi_slopes=None):
+    backend, scale = _op.prepare(q, shape, backend, scale, dropout_p=dropout_p, mask=mask, softcap=softcap > 0.0,
+                                 alibi=alibi_slopes is not None)
     # A window wider than both sequences is unbounded on that side; clamping keeps kernel ints small.
     span = shape.Tq + shape.Tk
     window_left, window_right = min(window_left, span), min(window_right, span)
     return attention_fwd(q, k, v, mask, scale, window_left, window_right, diag_offset, float(dropout_p), seed,
-                         backend)
+                         float(softcap), alibi_slopes, backend)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                     window: tuple[int | None, int | None] | None = None, dropout_p: float = 0.0,
                     return_lse: bool = False, dropout_seed: int | None = None, backend: str | None = None,
-                    segment_ids=None):
+                    segment_ids=None, softcap: float | None = 0.0, alibi_slopes: torch.Tensor | None = None):
     """Exact attention, computed tile by tile (FlashAttention) and differentiable.
 
     Args:
@@ -117,7 +129,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             kv_segment_ids (B, Tk))``: query ``i`` sees key ``j`` only if their segment ids are equal
             (packed documents; DeFormer's question/context split), on top of ``causal``/``window``.
             Runs the block-sparse kernels (:func:`effattn.sparse_attention`), which skip
-            cross-segment blocks; not with dropout.
+            cross-segment blocks; not with dropout, softcap or alibi_slopes.
+        softcap: ``> 0`` soft-caps the scaled scores, ``softcap * tanh(scale q.k / softcap)`` (Gemma-2;
+            flash-attn's ``softcap``), forward and backward; 0 or None: off.
+        alibi_slopes: ``(Hq,)`` or ``(B, Hq)`` float (flash-attn's): adds ``-slope * |i + Tk - Tq - j|`` to
+            the score of query ``i`` and key ``j`` (after the soft cap), inside the kernels.
 
     Returns:
         ``out (B, Hq, Tq, Dv)`` in q's dtype, or ``(out, lse)``. A query with no visible key gets
@@ -133,14 +149,20 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if causal:
         window_right = 0 if window_right < 0 else min(window_right, 0)
+    softcap = _validate.softcap_value(softcap)
+    alibi_slopes = _validate.alibi_slopes(alibi_slopes, shape, q.device, compute_dtype(q.dtype))
     if segment_ids is not None:
+        if softcap or alibi_slopes is not None:
+            raise ValueError("segment_ids cannot be combined with softcap or alibi_slopes (the block-sparse kernels "
+                             "have neither)")
         return _segmented(q, k, v, shape, segment_ids, scale=scale, key_padding_mask=key_padding_mask,
                           window_left=window_left, window_right=window_right, dropout_p=dropout_p,
                           return_lse=return_lse, backend=backend)
     mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
     out, lse = _run(q, k, v, mask, shape, scale=scale, window_left=window_left, window_right=window_right,
                     diag_offset=shape.Tk - shape.Tq, dropout_p=dropout_p,
-                    seed=_op.draw_seed(dropout_p, dropout_seed), backend=backend)
+                    seed=_op.draw_seed(dropout_p, dropout_seed), backend=backend, softcap=softcap,
+                    alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
 
 

@@ -12,8 +12,11 @@ Two implementations of the same function live here, and nowhere else:
 
 Semantics shared by every backend (the kernels reproduce them exactly):
 
-* scores ``S = scale * Q K^T (+ additive mask)``, softmax over keys, ``O = softmax(S) V``;
+* scores ``S = cap(scale * Q K^T) + alibi (+ additive mask)``, softmax over keys, ``O = softmax(S) V``;
   ``lse[i] = log(sum_j exp(S_ij))`` over the visible keys (``-inf`` for a row that sees none).
+  ``cap(x) = softcap * tanh(x / softcap)`` when ``softcap > 0`` (Gemma-2's logit soft-capping), else
+  ``x``; ``alibi = -slope[b, h] * |pos_i - j|`` with ``alibi_slopes (B, Hq)`` (ALiBi, as flash-attn:
+  ``pos_i = i + diag_offset`` is the query's position on the key grid), else 0.
 * GQA: ``Hq = G * Hkv``; query head ``h`` reads KV head ``h // G`` (consecutive query heads share).
 * Visibility of key ``j`` for query ``i``: with ``d = j - i - diag_offset``,
   ``-window_left <= d <= window_right``, a negative bound meaning unbounded. Causal attention is
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 __all__ = [
     "DROPOUT_BITS",
     "QueryPool",
+    "Varlen",
     "attention_backward",
     "attention_forward",
     "compute_dtype",
@@ -58,6 +62,8 @@ __all__ = [
     "relpos_attention_backward",
     "sparse_attention_backward",
     "sparse_attention_forward",
+    "varlen_backward",
+    "varlen_forward",
 ]
 
 # Dropout compares the top DROPOUT_BITS bits of a 32-bit Philox draw with a threshold.
@@ -271,12 +277,13 @@ def _key_range(p0: int, p1: int, Tk: int, window_left: int, window_right: int) -
 
 
 def _chunks(q, k, mask, *, scale, window_left, window_right, diag_offset, dropout_p, seed, q_pos_stride=1,
-            clamp_pos=False):
+            clamp_pos=False, softcap=0.0, alibi_slopes=None):
     """Query chunks of at most ``CHUNK_ELEMENTS`` scores, each against the keys it may see.
 
-    Yields ``(rows, cols, q_c, s, keep)``: the query and key slices, the chunk's queries
+    Yields ``(rows, cols, q_c, s, keep, dcap)``: the query and key slices, the chunk's queries
     ``(B, Hkv, G, R, Dqk)`` in compute dtype, masked scores ``s (B, Hkv, G, R, C)`` (``-inf`` where
-    masked) and the dropout keep mask (same shape) or None.
+    masked), the dropout keep mask (same shape) or None, and ``dcap = 1 - tanh^2``, the derivative of
+    the soft cap at each score (same shape), or None without one.
     """
     B, Hq, Tq, _ = q.shape
     n_kv, Tk = k.shape[1], k.shape[2]
@@ -293,6 +300,12 @@ def _chunks(q, k, mask, *, scale, window_left, window_right, diag_offset, dropou
         rows, cols = slice(r0, r1), slice(c0, c1)
         q_c = _grouped(q[:, :, rows].to(cdt), n_kv)
         s = torch.matmul(q_c, kc[:, :, :, cols].transpose(-1, -2)) * scale
+        dcap = None
+        if softcap > 0.0:
+            t = torch.tanh(s / softcap)
+            s, dcap = softcap * t, 1.0 - t * t
+        if alibi_slopes is not None:
+            s = s + _alibi(alibi_slopes, n_kv, pos, torch.arange(c0, c1, device=q.device), cdt)
         if mask is not None:
             m = _grouped(mask[:, :, rows, cols], n_kv)
             s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(cdt)
@@ -305,7 +318,13 @@ def _chunks(q, k, mask, *, scale, window_left, window_right, diag_offset, dropou
         if dropout_p > 0.0:
             bh = torch.arange(B * Hq, device=q.device).view(B, n_kv, Hq // n_kv, 1, 1)
             keep = dropout_keep(seed, dropout_p, bh, row_idx.view(-1, 1), col_idx.view(1, -1))
-        yield rows, cols, q_c, s, keep
+        yield rows, cols, q_c, s, keep, dcap
+
+
+def _alibi(slopes: torch.Tensor, n_kv: int, pos: torch.Tensor, cols: torch.Tensor, dtype) -> torch.Tensor:
+    """``-slope[b, h] * |pos_i - j|`` as ``(B, Hkv, G, R, C)`` (``slopes (B, Hq)``, ``pos`` the rows' positions)."""
+    dist = (pos[:, None] - cols[None, :]).abs().to(dtype)
+    return -_grouped(slopes.to(dtype), n_kv)[..., None, None] * dist
 
 
 def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -321,14 +340,17 @@ def _pool_kwargs(pool: QueryPool | None) -> dict:
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
                       scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
-                      dropout_p: float = 0.0, seed: int = 0,
-                      pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      dropout_p: float = 0.0, seed: int = 0, pool: QueryPool | None = None,
+                      softcap: float = 0.0,
+                      alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked attention forward.
 
     Args:
         q: ``(B, Hq, Tq, Dqk)``; k: ``(B, Hkv, Tk, Dqk)``; v: ``(B, Hkv, Tk, Dv)``.
         mask: None, or bool/float broadcastable to ``(B, Hq, Tq', Tk)`` (``Tq'`` = pooled length).
         pool: pool the queries first (:class:`QueryPool`); rows are then the pooled queries.
+        softcap: ``> 0`` caps the scaled scores at ``±softcap`` (``softcap * tanh(s / softcap)``).
+        alibi_slopes: ``(B, Hq)`` ALiBi slopes (module docstring), or None.
     Returns:
         ``out (B, Hq, Tq', Dv)`` in q's dtype, ``lse (B, Hq, Tq')`` float32 (float64 for float64 inputs).
     """
@@ -341,9 +363,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     out = _alloc(B, Hq, Tq, v.shape[3], dtype=out_dtype, device=q.device)
     lse = _alloc(B, Hq, Tq, dtype=cdt, device=q.device)
     drop_scale = dropout_scale(dropout_p)
-    for rows, cols, _, s, keep in _chunks(q, k, mask, scale=scale, window_left=window_left,
-                                          window_right=window_right, diag_offset=diag_offset,
-                                          dropout_p=dropout_p, seed=seed, **_pool_kwargs(pool)):
+    for rows, cols, _, s, keep, _ in _chunks(q, k, mask, scale=scale, window_left=window_left,
+                                             window_right=window_right, diag_offset=diag_offset,
+                                             dropout_p=dropout_p, seed=seed, softcap=softcap,
+                                             alibi_slopes=alibi_slopes, **_pool_kwargs(pool)):
         lse_c = torch.logsumexp(s, dim=-1)  # -inf for a row with no visible key
         p = _probs(s, lse_c)
         if keep is not None:
@@ -356,14 +379,16 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, mask: torch.Tensor | None = None, dlse: torch.Tensor | None = None, *,
                        scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
-                       dropout_p: float = 0.0, seed: int = 0,
-                       pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       dropout_p: float = 0.0, seed: int = 0, pool: QueryPool | None = None,
+                       softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked attention backward: gradients of ``out`` (and optionally ``lse``) w.r.t. q, k, v.
 
     Recomputes the probabilities from ``lse``: ``P = exp(S - lse)``;
     ``dV = (P∘Z)^T dO``, ``dP = (dO V^T)∘Z``, ``dS = P∘(dP - delta)`` with
     ``delta = rowsum(dO∘O) - dlse`` and ``Z`` the scaled dropout keep mask;
-    ``dQ = scale·dS K``, ``dK = scale·dS^T Q``. With ``pool``, dQ of the pooled queries is carried
+    ``dQ = scale·dS K``, ``dK = scale·dS^T Q`` (with a soft cap, ``dS`` times its derivative
+    ``1 - tanh^2`` first; ALiBi has no parameter to differentiate). With ``pool``, dQ of the pooled queries is carried
     back through the pooling to the unpooled ``q`` (mean: spread evenly; max: to the arg-max).
     """
     if pool is not None:
@@ -371,14 +396,15 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         dq_pooled, dk, dv = _attention_backward(dout, pool_queries(q_src, pool), k, v, out, lse, mask, dlse,
                                                 scale=scale, window_left=window_left, window_right=window_right,
                                                 diag_offset=diag_offset, dropout_p=dropout_p, seed=seed,
-                                                _pos=_pool_kwargs(pool))
+                                                softcap=softcap, alibi_slopes=alibi_slopes, _pos=_pool_kwargs(pool))
         return pool_queries_backward(dq_pooled, q_src, pool).to(q.dtype), dk, dv
     return _attention_backward(dout, q, k, v, out, lse, mask, dlse, scale=scale, window_left=window_left,
-                               window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p, seed=seed)
+                               window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p, seed=seed,
+                               softcap=softcap, alibi_slopes=alibi_slopes)
 
 
 def _attention_backward(dout, q, k, v, out, lse, mask, dlse, *, scale, window_left, window_right, diag_offset,
-                        dropout_p, seed, _pos=None):
+                        dropout_p, seed, softcap=0.0, alibi_slopes=None, _pos=None):
     n_kv = k.shape[1]
     cdt = compute_dtype(q.dtype)
     kc = k.to(cdt)[:, :, None]
@@ -390,9 +416,10 @@ def _attention_backward(dout, q, k, v, out, lse, mask, dlse, *, scale, window_le
     if dlse is not None:
         delta = delta - dlse.to(cdt)
     drop_scale = dropout_scale(dropout_p)
-    for rows, cols, q_c, s, keep in _chunks(q, k, mask, scale=scale, window_left=window_left,
-                                            window_right=window_right, diag_offset=diag_offset,
-                                            dropout_p=dropout_p, seed=seed, **(_pos or {})):
+    for rows, cols, q_c, s, keep, dcap in _chunks(q, k, mask, scale=scale, window_left=window_left,
+                                                  window_right=window_right, diag_offset=diag_offset,
+                                                  dropout_p=dropout_p, seed=seed, softcap=softcap,
+                                                  alibi_slopes=alibi_slopes, **(_pos or {})):
         do_c = _grouped(dout[:, :, rows].to(cdt), n_kv)
         p = _probs(s, _grouped(lse[:, :, rows].to(cdt), n_kv))
         dp = torch.matmul(do_c, vc[:, :, :, cols].transpose(-1, -2))
@@ -403,9 +430,82 @@ def _attention_backward(dout, q, k, v, out, lse, mask, dlse, *, scale, window_le
             dp = dp * z
         dv[:, :, cols] += torch.matmul(p_drop.transpose(-1, -2), do_c).sum(2)
         ds = p * (dp - _grouped(delta[:, :, rows], n_kv)[..., None])
+        if dcap is not None:
+            ds = ds * dcap
         dq[:, :, rows] = (torch.matmul(ds, kc[:, :, :, cols]) * scale).flatten(1, 2).to(q.dtype)
         dk[:, :, cols] += (torch.matmul(ds.transpose(-1, -2), q_c) * scale).sum(2)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# variable-length sequences: the same attention per sequence of a packed batch
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Varlen:
+    """The sequences of a varlen call (int32 tensors ``(S,)``, on the tensors' device).
+
+    Sequence ``s`` is rows ``[q_start, q_start + q_len)`` of the packed q, a ``(1, Hq, total_q, D)`` view of a
+    ``(total_q, Hq, D)`` tensor, against keys ``[k_start, k_start + k_len)`` of k's batch entry ``s`` when k is a
+    cache ``(S, Hkv, Tc, D)``, or of entry 0 when k is packed ``(1, Hkv, total_k, D)``; causal and windows are
+    aligned bottom-right per sequence (``diag_offset = k_len - q_len``); ALiBi slopes ``(S, Hq)``; dropout of
+    sequence ``s`` draws the dense stream of seed ``seed + s`` (its own rows and keys from 0, head ``h``).
+    ``max_q``/``max_k``: the longest sequence (a kernel's grid).
+    """
+
+    q_start: torch.Tensor
+    q_len: torch.Tensor
+    k_start: torch.Tensor
+    k_len: torch.Tensor
+    max_q: int
+    max_k: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.q_len.shape[0]
+
+    def sequences(self):
+        """``(s, q rows slice, k entry, k rows slice)`` per sequence, on the host."""
+        qs, ql, ks, kl = (t.tolist() for t in (self.q_start, self.q_len, self.k_start, self.k_len))
+        for s in range(len(ql)):
+            yield s, slice(qs[s], qs[s] + ql[s]), slice(ks[s], ks[s] + kl[s])
+
+
+def varlen_forward(q, k, v, varlen: Varlen, *, scale, window_left=-1, window_right=-1, dropout_p=0.0, seed=0,
+                   softcap=0.0, alibi_slopes=None):
+    """Varlen attention (:class:`Varlen`): ``out (1, Hq, total_q, Dv)`` (a view of ``(total_q, Hq, Dv)``) and
+    ``lse (1, Hq, total_q)``, one :func:`attention_forward` per sequence."""
+    Hq, total_q = q.shape[1], q.shape[2]
+    out = torch.zeros(total_q, Hq, v.shape[3], dtype=q.dtype, device=q.device).permute(1, 0, 2).unsqueeze(0)
+    lse = torch.full((1, Hq, total_q), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
+    cached = k.shape[0] > 1
+    for s, rows, keys in varlen.sequences():
+        e = slice(s, s + 1) if cached else slice(0, 1)
+        offset = (keys.stop - keys.start) - (rows.stop - rows.start)  # bottom-right, per sequence
+        o, l = attention_forward(q[:, :, rows], k[e, :, keys], v[e, :, keys], scale=scale, window_left=window_left,
+                                 window_right=window_right, diag_offset=offset, dropout_p=dropout_p, seed=seed + s,
+                                 softcap=softcap, alibi_slopes=None if alibi_slopes is None else alibi_slopes[s:s + 1])
+        out[:, :, rows], lse[:, :, rows] = o, l
+    return out, lse
+
+
+def varlen_backward(dout, q, k, v, out, lse, dlse, varlen: Varlen, *, scale, window_left=-1, window_right=-1,
+                    dropout_p=0.0, seed=0, softcap=0.0, alibi_slopes=None):
+    """Gradients ``dq, dk, dv`` of :func:`varlen_forward` (like q, k, v; cache slots past a sequence's keys 0)."""
+    dq, dk, dv = (torch.zeros(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=x.dtype,
+                              device=x.device).permute(0, 2, 1, 3) for x in (q, k, v))
+    cached = k.shape[0] > 1
+    for s, rows, keys in varlen.sequences():
+        e = slice(s, s + 1) if cached else slice(0, 1)
+        g = attention_backward(dout[:, :, rows], q[:, :, rows], k[e, :, keys], v[e, :, keys], out[:, :, rows],
+                               lse[:, :, rows], None, None if dlse is None else dlse[:, :, rows], scale=scale,
+                               window_left=window_left, window_right=window_right,
+                               diag_offset=keys.stop - keys.start - (rows.stop - rows.start), dropout_p=dropout_p,
+                               seed=seed + s, softcap=softcap,
+                               alibi_slopes=None if alibi_slopes is None else alibi_slopes[s:s + 1])
+        dq[:, :, rows] = g[0]
+        dk[e, :, keys] += g[1]
+        dv[e, :, keys] += g[2]
+    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,8 +640,8 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: torc
 # ----------------------------------------------------------------------------------------------
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
                     scale: float | None = None, window_left: int = -1, window_right: int = -1,
-                    diag_offset: int = 0, dropout_p: float = 0.0, seed: int = 0,
-                    upcast: bool = False) -> torch.Tensor:
+                    diag_offset: int = 0, dropout_p: float = 0.0, seed: int = 0, softcap: float = 0.0,
+                    alibi_slopes: torch.Tensor | None = None, upcast: bool = False) -> torch.Tensor:
     """Textbook attention: the full ``(B, Hq, Tq, Tk)`` softmax in memory, differentiated by autograd.
 
     Same arguments and semantics as :func:`attention_forward` (``scale`` defaults to ``1/sqrt(D)``).
@@ -555,6 +655,12 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     kk = k.to(dt).repeat_interleave(G, dim=1)
     vv = v.to(dt).repeat_interleave(G, dim=1)
     s = torch.matmul(q.to(dt), kk.transpose(-1, -2)) * scale
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        pos = torch.arange(Tq, device=q.device) + diag_offset
+        dist = (pos[:, None] - torch.arange(Tk, device=q.device)[None, :]).abs().to(dt)
+        s = s - alibi_slopes.to(dt)[:, :, None, None] * dist
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(dt)
     vis = _visible(torch.arange(Tq, device=q.device), torch.arange(Tk, device=q.device), window_left,

@@ -18,6 +18,11 @@ Masking, as in :mod:`effattn.reference`: key ``j`` is visible to query ``i`` iff
 bool/float ``mask`` broadcast to ``(B, Hq, Tq, Tk)`` read tile by tile. Blocks outside the window are
 never visited; blocks entirely inside it skip the elementwise window and bounds checks.
 
+Score modifiers (``HAS_SOFTCAP``, ``HAS_ALIBI``; flash-attn's ``softcap`` and ``alibi_slopes``), before
+the masks: ``s = C·tanh(s / C)`` and ``s -= slope[b, h]·|pos_i - j|`` (``pos_i`` the query's key-grid
+position), both in the log2 domain (``C = softcap·log2 e``); the backward recomputes ``t = tanh`` and
+multiplies dS by ``1 - t^2``. Off, they compile away.
+
 Query pooling (Funnel-Transformer, ``effattn.pooled_attention``): with ``POOL > 1`` the kernels read
 unpooled queries and pool them as they load them (mean or max over windows of ``POOL`` rows, with
 Funnel's [cls] handling), so no pooled copy of Q is written. Pooled row ``i`` sits at key-grid
@@ -54,7 +59,7 @@ from effattn.kernels._attn_common import (
     _softmax_epilogue,
     _store_tile,
 )
-from effattn.reference import QueryPool, dropout_scale, dropout_threshold
+from effattn.reference import QueryPool, Varlen, dropout_scale, dropout_threshold
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # EFFATTN_AUTOTUNE=0: take the first config of each head-dim class instead of benchmarking them
@@ -366,6 +371,71 @@ def _dropout_keep(seed, bh, rows, cols, drop_threshold):
     return (r >> 8).to(tl.int32) >= drop_threshold
 
 
+@triton.jit
+def _tanh(x):
+    """``tanh`` in fp32 from exp2: ``1 - 2 / (exp(2x) + 1)``, exactly ±1 at ±inf."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * _LOG2E)) + 1.0)
+
+
+@triton.jit
+def _score_mods(s, rows, cols, diag_offset, softcap2, alibi2, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                POOL: tl.constexpr, POOL_CLS: tl.constexpr):
+    """Soft cap and ALiBi on log2-domain scores, before any mask: ``s = C·tanh(s / C) - a·|pos_i - j|`` with
+    ``C = softcap·log2(e)``, ``a = slope·log2(e)``. Also returns the cap's derivative ``1 - tanh^2`` (the backward
+    multiplies dS by it; 1 without a cap)."""
+    dcap = 1.0
+    if HAS_SOFTCAP:
+        t = _tanh(s / softcap2)
+        s = softcap2 * t
+        dcap = 1.0 - t * t
+    if HAS_ALIBI:
+        s = s - alibi2 * tl.abs(_q_pos(rows, diag_offset, POOL, POOL_CLS) - cols).to(tl.float32)
+    return s, dcap
+
+
+@triton.jit
+def _varlen_geometry(QSTART, QLEN, KSTART, KLEN, b, Tq, Tk, diag_offset, VARLEN: tl.constexpr):
+    """``(q_start, Tq, k_start, Tk, diag_offset)`` of sequence ``b``: read from the per-sequence tables in varlen
+    mode (bottom-right aligned: ``diag_offset = Tk - Tq`` of the sequence), else the call's (starts 0)."""
+    if VARLEN:
+        q_start = tl.load(QSTART + b).to(tl.int64)
+        q_len = tl.load(QLEN + b)
+        k_start = tl.load(KSTART + b).to(tl.int64)
+        k_len = tl.load(KLEN + b)
+        return q_start, q_len, k_start, k_len, k_len - q_len
+    else:
+        return tl.zeros([], dtype=tl.int64), Tq, tl.zeros([], dtype=tl.int64), Tk, diag_offset
+
+
+@triton.jit
+def _query_program(QSTART, QLEN, KSTART, KLEN, b, h, Hq, Tq, Tk, T_src, diag_offset, seed, VARLEN: tl.constexpr):
+    """What a program over query rows of (batch ``b``, head ``h``) reads: ``(row_base, seed, bh, q_start, Tq,
+    k_start, Tk, diag_offset, T_src)``, ``row_base`` the offset of its rows in ``(B, Hq, Tq)`` lse/delta. In varlen
+    mode ``b`` is a sequence: its rows of the packed ``(1, Hq, total_q)`` (``Tq`` given = total_q), its keys, and
+    the dropout stream of ``seed + b`` at head ``h``."""
+    bh = b * Hq + h
+    row_base = bh.to(tl.int64) * Tq
+    if VARLEN:
+        row_base = h.to(tl.int64) * Tq
+        seed = seed + b
+        bh = h
+    q_start, Tq, k_start, Tk, diag_offset = _varlen_geometry(QSTART, QLEN, KSTART, KLEN, b, Tq, Tk, diag_offset,
+                                                             VARLEN)
+    if VARLEN:
+        T_src = Tq
+        row_base += q_start
+    return row_base, seed, bh, q_start, Tq, k_start, Tk, diag_offset, T_src
+
+
+@triton.jit
+def _alibi_slope2(ALIBI, b, h, stride_ab, HAS_ALIBI: tl.constexpr):
+    """The ALiBi slope of (batch, head) in the log2 domain (0 without ALiBi)."""
+    if HAS_ALIBI:
+        return tl.load(ALIBI + b.to(tl.int64) * stride_ab + h).to(tl.float32) * _LOG2E
+    else:
+        return 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -373,19 +443,22 @@ def _dropout_keep(seed, bh, rows, cols, drop_threshold):
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
                stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
                Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold,
+               softcap2, alibi2,
                HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                APPLY_WINDOW: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
                MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               POOL: tl.constexpr, POOL_CLS: tl.constexpr):
+               POOL: tl.constexpr, POOL_CLS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # -- load K^T and V (rows past Tk only in masked segments) --
         kT = _load_tile(k_base, start_n, stride_kt, stride_kd, Tk, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK, True)
         v = _load_tile(v_base, start_n, stride_vt, stride_vd, Tk, HEAD_DIM_V, BLOCK_N, BLOCK_DV, False)
-        # -- compute qk (log2 domain) and mask it --
+        # -- compute qk (log2 domain), soft-cap it, add ALiBi, mask it --
         s = _scores_log2(q, kT, qk_scale, UPCAST_DOT, DOT_PRECISION)
+        s, _ = _score_mods(s, offs_m[:, None], offs_n[None, :], diag_offset, softcap2, alibi2, HAS_SOFTCAP, HAS_ALIBI,
+                           POOL, POOL_CLS)
         s = _masked_scores(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mi, stride_mj, Tq, Tk,
                            MASK_KIND, MASK_ROW_BCAST)
         if APPLY_WINDOW:
@@ -406,38 +479,44 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
                  prune_configs_by={"early_config_prune": _prune_for(FWD_CONFIGS)})
 @triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, O, LSE, MASK,
+    Q, K, V, O, LSE, MASK, ALIBI, QSTART, QLEN, KSTART, KLEN,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, GROUP, Tq, Tk, T_src, qk_scale, window_left, window_right, diag_offset,
-    seed, drop_threshold, drop_scale, Q_BUCKET, K_BUCKET,
+    seed, drop_threshold, drop_scale, softcap2, stride_ab, Q_BUCKET, K_BUCKET,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, query head) against all the keys they may see.
 
-    O = softmax(scale·Q K^T + mask) V, LSE = logsumexp of the same scores (natural log).
+    O = softmax(cap(scale·Q K^T) + alibi + mask) V, LSE = logsumexp of the same scores (natural log).
+    In varlen mode the batch index is the sequence's, ``Tq`` the rows of the packed q (all sequences).
     """
     tl.static_assert(BLOCK_DQK >= 16)
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    bh = off_b * Hq + off_h
     off_kvh = off_h // GROUP
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    lse_base, seed, bh, q_start, Tq, k_start, Tk, diag_offset, T_src = _query_program(
+        QSTART, QLEN, KSTART, KLEN, off_b, off_h, Hq, Tq, Tk, T_src, diag_offset, seed, VARLEN)
+    if m0 >= Tq:  # a block past its sequence's end (varlen: the grid covers the longest)
+        return
 
-    q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh)
-    k_base = _head_base(K, off_b, off_kvh, stride_kb, stride_kh)
-    v_base = _head_base(V, off_b, off_kvh, stride_vb, stride_vh)
+    q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh) + q_start * stride_qt
+    k_base = _head_base(K, off_b, off_kvh, stride_kb, stride_kh) + k_start * stride_kt
+    v_base = _head_base(V, off_b, off_kvh, stride_vb, stride_vh) + k_start * stride_vt
     mask_base = _head_base(MASK, off_b, off_h, stride_mb, stride_mh)
+    alibi2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, HAS_ALIBI)
 
     # -- load the query tile once (pooled on load) --
     m_ok = offs_m < Tq
@@ -461,17 +540,71 @@ def _flash_fwd_kernel(
                 acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, seg_lo, seg_hi,
                 stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
                 Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold,
+                softcap2, alibi2,
                 HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
                 seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-                UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS)
+                UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS, HAS_SOFTCAP, HAS_ALIBI)
 
     # -- epilogue: normalise; an empty row gives O = 0 and lse = -inf --
     out, lse = _softmax_epilogue(acc, l_i, m_i)
     if HAS_DROPOUT:
         out = out * drop_scale
-    _store_tile(_head_base(O, off_b, off_h, stride_ob, stride_oh), m0, stride_ot, stride_od, out, Tq, HEAD_DIM_V,
-                BLOCK_M, BLOCK_DV)
-    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
+    _store_tile(_head_base(O, off_b, off_h, stride_ob, stride_oh) + q_start * stride_ot, m0, stride_ot, stride_od, out,
+                Tq, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
+    tl.store(LSE + lse_base + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _flash_decode_kernel(
+    Q, K, V, O_PART, LSE_PART, ALIBI, QSTART, QLEN, KSTART, KLEN,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    Hq, GROUP, Tq, Tk, qk_scale, window_left, window_right, softcap2, stride_ab, SPLIT_LEN, NUM_SPLITS,
+    HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split-KV decoding (flash-decoding): one program per (key split, head, sequence) of a varlen call whose
+    sequences have at most BLOCK_M queries. It attends all the sequence's queries to the keys
+    ``[split·SPLIT_LEN, (split+1)·SPLIT_LEN)`` (SPLIT_LEN a multiple of BLOCK_N, so no tile crosses splits) and
+    writes that part's normalised output and lse, fp32, to ``O_PART (S, Hq, NUM_SPLITS, BLOCK_M, Dv)`` and
+    ``LSE_PART (S, Hq, NUM_SPLITS, BLOCK_M)``; the launcher merges the parts by their lse."""
+    split = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_kvh = off_h // GROUP
+    offs_m = tl.arange(0, BLOCK_M)
+    q_start, Tq, k_start, Tk, diag_offset = _varlen_geometry(QSTART, QLEN, KSTART, KLEN, off_b, Tq, Tk, 0, True)
+    q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh) + q_start * stride_qt
+    k_base = _head_base(K, off_b, off_kvh, stride_kb, stride_kh) + k_start * stride_kt
+    v_base = _head_base(V, off_b, off_kvh, stride_vb, stride_vh) + k_start * stride_vt
+    alibi2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, HAS_ALIBI)
+    q = _load_tile(q_base, 0, stride_qt, stride_qd, Tq, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK, False)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # -- this split's keys, cut to the ones the rows may see (window edges masked elementwise) --
+    lo, _, _, hi = _kv_range(0, Tq, Tk, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N,
+                             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, 1, False)
+    s_lo = split * SPLIT_LEN
+    s_hi = tl.minimum(s_lo + SPLIT_LEN, hi)
+    s_lo = tl.maximum(s_lo, lo // BLOCK_N * BLOCK_N)
+    if (s_lo < s_hi) & (Tq > 0):
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, Q, offs_m, s_lo, s_hi,
+            stride_kt, stride_kd, stride_vt, stride_vd, 0, 0,
+            Tq, Tk, qk_scale, window_left, window_right, diag_offset, 0, 0, 0, softcap2, alibi2,
+            HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+            True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, 0, False, False, UPCAST_DOT, DOT_PRECISION, 1, False,
+            HAS_SOFTCAP, HAS_ALIBI)
+    out, lse = _softmax_epilogue(acc, l_i, m_i)
+    part = ((off_b * Hq + off_h) * NUM_SPLITS + split).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_DV)
+    tl.store(O_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_DV + offs_d[None, :], out)
+    tl.store(LSE_PART + part * BLOCK_M + offs_m, lse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,12 +636,14 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA,
 def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base, offs_n, lo, hi,
                   stride_qt, stride_qd, stride_dot, stride_dod, stride_mi, stride_mj,
                   Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
+                  softcap2, alibi2,
                   HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                   BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                   APPLY_WINDOW: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
                   MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  T_src, POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr):
+                  T_src, POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_q(q_base, start_m, stride_qt, stride_qd, Tq, T_src, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK,
@@ -517,6 +652,8 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base
         lse2, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, Tq)
         # -- recompute P^T for this tile: (BLOCK_N, BLOCK_M) --
         sT = _scores_log2(k, tl.trans(q), qk_scale, UPCAST_DOT, DOT_PRECISION)
+        sT, dcapT = _score_mods(sT, offs_m[None, :], offs_n[:, None], diag_offset, softcap2, alibi2, HAS_SOFTCAP,
+                                HAS_ALIBI, POOL, POOL_CLS)
         sT = _masked_scores(sT, mask_base, offs_m[None, :], offs_n[:, None], stride_mi, stride_mj, Tq, Tk,
                             MASK_KIND, MASK_ROW_BCAST)
         if APPLY_WINDOW:
@@ -533,8 +670,8 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base
         else:
             pT_drop = pT
         dv = _dot(pT_drop.to(do.dtype), do, dv, UPCAST_DOT, DOT_PRECISION)
-        # -- dS^T = P^T ∘ (dP^T - delta) ; dK += dS^T Q --
-        dsT = pT * (dpT - delta[None, :])
+        # -- dS^T = P^T ∘ (dP^T - delta) (∘ the cap's derivative) ; dK += dS^T Q --
+        dsT = pT * (dpT - delta[None, :]) * dcapT
         dk = _dot(dsT.to(q.dtype), q, dk, UPCAST_DOT, DOT_PRECISION)
     return dk, dv
 
@@ -543,7 +680,7 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base
                  prune_configs_by={"early_config_prune": _prune_for(BWD_KV_CONFIGS)})
 @triton.jit
 def _flash_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, ALIBI, QSTART, QLEN, KSTART, KLEN,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -552,12 +689,13 @@ def _flash_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, Hkv, GROUP, Tq, Tk, T_src, sm_scale, qk_scale, window_left, window_right, diag_offset,
-    seed, drop_threshold, drop_scale, Q_BUCKET, K_BUCKET,
+    seed, drop_threshold, drop_scale, softcap2, stride_ab, Q_BUCKET, K_BUCKET,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: dK, dV of BLOCK_N keys of one (batch, KV head), summed over its GQA query heads."""
@@ -566,11 +704,19 @@ def _flash_bwd_dkdv_kernel(
     off_b = tl.program_id(2)
     n0 = start_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
+    total_q = Tq
+    q_start, Tq, k_start, Tk, diag_offset = _varlen_geometry(QSTART, QLEN, KSTART, KLEN, off_b, Tq, Tk, diag_offset,
+                                                             VARLEN)
+    if VARLEN:
+        T_src = Tq
+        seed = seed + off_b
+    if n0 >= Tk:  # a block past its sequence's keys (varlen)
+        return
 
-    k = _load_tile(_head_base(K, off_b, off_kvh, stride_kb, stride_kh), n0, stride_kt, stride_kd, Tk, HEAD_DIM_QK,
-                   BLOCK_N, BLOCK_DQK, False)
-    v = _load_tile(_head_base(V, off_b, off_kvh, stride_vb, stride_vh), n0, stride_vt, stride_vd, Tk, HEAD_DIM_V,
-                   BLOCK_N, BLOCK_DV, False)
+    k = _load_tile(_head_base(K, off_b, off_kvh, stride_kb, stride_kh) + k_start * stride_kt, n0, stride_kt,
+                   stride_kd, Tk, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK, False)
+    v = _load_tile(_head_base(V, off_b, off_kvh, stride_vb, stride_vh) + k_start * stride_vt, n0, stride_vt,
+                   stride_vd, Tk, HEAD_DIM_V, BLOCK_N, BLOCK_DV, False)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -579,10 +725,14 @@ def _flash_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         off_h = off_kvh * GROUP + g
         bh = off_b * Hq + off_h
-        q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh)
-        do_base = _head_base(DO, off_b, off_h, stride_dob, stride_doh)
+        q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh) + q_start * stride_qt
+        do_base = _head_base(DO, off_b, off_h, stride_dob, stride_doh) + q_start * stride_dot
         mask_base = _head_base(MASK, off_b, off_h, stride_mb, stride_mh)
+        alibi2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, HAS_ALIBI)
         row_base = bh.to(tl.int64) * Tq
+        if VARLEN:
+            row_base = off_h.to(tl.int64) * total_q + q_start
+            bh = off_h
         for seg in tl.static_range(3):
             seg_lo, seg_hi = _segment(seg, lo, mid_lo, mid_hi, hi)
             if seg_lo < seg_hi:  # as in the forward: an empty segment is skipped
@@ -590,33 +740,37 @@ def _flash_bwd_dkdv_kernel(
                     dk, dv, k, v, q_base, do_base, mask_base, LSE, DELTA, row_base, offs_n, seg_lo, seg_hi,
                     stride_qt, stride_qd, stride_dot, stride_dod, stride_mi, stride_mj,
                     Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
+                    softcap2, alibi2,
                     HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_M,
                     seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-                    UPCAST_DOT, DOT_PRECISION, T_src, POOL, POOL_MAX, POOL_CLS)
+                    UPCAST_DOT, DOT_PRECISION, T_src, POOL, POOL_MAX, POOL_CLS, HAS_SOFTCAP, HAS_ALIBI)
 
     dk = dk * sm_scale
-    _store_tile(_head_base(DK, off_b, off_kvh, stride_dkb, stride_dkh), n0, stride_dkt, stride_dkd, dk, Tk,
-                HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
-    _store_tile(_head_base(DV, off_b, off_kvh, stride_dvb, stride_dvh), n0, stride_dvt, stride_dvd, dv, Tk,
-                HEAD_DIM_V, BLOCK_N, BLOCK_DV)
+    _store_tile(_head_base(DK, off_b, off_kvh, stride_dkb, stride_dkh) + k_start * stride_dkt, n0, stride_dkt,
+                stride_dkd, dk, Tk, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
+    _store_tile(_head_base(DV, off_b, off_kvh, stride_dvb, stride_dvh) + k_start * stride_dvt, n0, stride_dvt,
+                stride_dvd, dv, Tk, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
 
 
 @triton.jit
 def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, hi,
                  stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
                  Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
+                 softcap2, alibi2,
                  HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                  APPLY_WINDOW: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
                  MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 POOL: tl.constexpr, POOL_CLS: tl.constexpr):
+                 POOL: tl.constexpr, POOL_CLS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, start_n, stride_kt, stride_kd, Tk, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK, False)
         vT = _load_tile(v_base, start_n, stride_vt, stride_vd, Tk, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True)
         # -- recompute P --
         s = _scores_log2(q, tl.trans(k), qk_scale, UPCAST_DOT, DOT_PRECISION)
+        s, dcap = _score_mods(s, offs_m[:, None], offs_n[None, :], diag_offset, softcap2, alibi2, HAS_SOFTCAP,
+                              HAS_ALIBI, POOL, POOL_CLS)
         s = _masked_scores(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mi, stride_mj, Tq, Tk,
                            MASK_KIND, MASK_ROW_BCAST)
         if APPLY_WINDOW:
@@ -629,7 +783,7 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, 
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_threshold)
             dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None]) * dcap
         dq = _dot(ds.to(k.dtype), k, dq, UPCAST_DOT, DOT_PRECISION)
     return dq
 
@@ -680,7 +834,7 @@ def _store_dq_unpooled(dq, q_base, dq_base, offs_m, stride_qt, stride_qd, stride
                  prune_configs_by={"early_config_prune": _prune_for(BWD_Q_CONFIGS)})
 @triton.jit
 def _flash_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, ALIBI, QSTART, QLEN, KSTART, KLEN,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -688,33 +842,37 @@ def _flash_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     stride_mb, stride_mh, stride_mi, stride_mj,
     Hq, GROUP, Tq, Tk, T_src, sm_scale, qk_scale, window_left, window_right, diag_offset,
-    seed, drop_threshold, drop_scale, Q_BUCKET, K_BUCKET,
+    seed, drop_threshold, drop_scale, softcap2, stride_ab, Q_BUCKET, K_BUCKET,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     POOL: tl.constexpr, POOL_MAX: tl.constexpr, POOL_CLS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: dQ of BLOCK_M queries of one (batch, query head), streaming the keys they see."""
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    bh = off_b * Hq + off_h
     off_kvh = off_h // GROUP
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_base = bh.to(tl.int64) * Tq
+    row_base, seed, bh, q_start, Tq, k_start, Tk, diag_offset, T_src = _query_program(
+        QSTART, QLEN, KSTART, KLEN, off_b, off_h, Hq, Tq, Tk, T_src, diag_offset, seed, VARLEN)
+    if m0 >= Tq:
+        return
 
-    q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh)
+    q_base = _head_base(Q, off_b, off_h, stride_qb, stride_qh) + q_start * stride_qt
     q = _load_q(q_base, m0, stride_qt, stride_qd, Tq, T_src, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK,
                 POOL, POOL_MAX, POOL_CLS)
-    do = _load_tile(_head_base(DO, off_b, off_h, stride_dob, stride_doh), m0, stride_dot, stride_dod, Tq, HEAD_DIM_V,
-                    BLOCK_M, BLOCK_DV, False)
+    do = _load_tile(_head_base(DO, off_b, off_h, stride_dob, stride_doh) + q_start * stride_dot, m0, stride_dot,
+                    stride_dod, Tq, HEAD_DIM_V, BLOCK_M, BLOCK_DV, False)
     lse2, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, Tq)
-    k_base = _head_base(K, off_b, off_kvh, stride_kb, stride_kh)
-    v_base = _head_base(V, off_b, off_kvh, stride_vb, stride_vh)
+    k_base = _head_base(K, off_b, off_kvh, stride_kb, stride_kh) + k_start * stride_kt
+    v_base = _head_base(V, off_b, off_kvh, stride_vb, stride_vh) + k_start * stride_vt
     mask_base = _head_base(MASK, off_b, off_h, stride_mb, stride_mh)
+    alibi2 = _alibi_slope2(ALIBI, off_b, off_h, stride_ab, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
 
     lo, mid_lo, mid_hi, hi = _kv_range(m0, Tq, Tk, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N,
@@ -726,12 +884,13 @@ def _flash_bwd_dq_kernel(
                 dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, seg_lo, seg_hi,
                 stride_kt, stride_kd, stride_vt, stride_vd, stride_mi, stride_mj,
                 Tq, Tk, qk_scale, window_left, window_right, diag_offset, seed, bh, drop_threshold, drop_scale,
+                softcap2, alibi2,
                 HEAD_DIM_QK, HEAD_DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
                 seg != 1, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-                UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS)
+                UPCAST_DOT, DOT_PRECISION, POOL, POOL_CLS, HAS_SOFTCAP, HAS_ALIBI)
 
     dq = dq * sm_scale
-    dq_base = _head_base(DQ, off_b, off_h, stride_dqb, stride_dqh)
+    dq_base = _head_base(DQ, off_b, off_h, stride_dqb, stride_dqh) + q_start * stride_dqt
     if POOL == 1:
         _store_tile(dq_base, m0, stride_dqt, stride_dqd, dq, Tq, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK)
     else:
@@ -770,9 +929,40 @@ def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], dumm
     return m, strides, kind, strides[2] == 0
 
 
+def _alibi_args(alibi_slopes: torch.Tensor | None, dummy: torch.Tensor):
+    """(tensor, batch stride) of the ALiBi slopes ``(B, Hq)`` (contiguous over heads) for the kernels."""
+    if alibi_slopes is None:
+        return dummy, 0
+    if alibi_slopes.stride(-1) != 1:
+        raise ValueError("alibi_slopes must be contiguous over heads")
+    return alibi_slopes, alibi_slopes.stride(0)
+
+
+def _varlen_args(varlen: Varlen | None, dummy: torch.Tensor) -> tuple:
+    return (dummy,) * 4 if varlen is None else (varlen.q_start, varlen.q_len, varlen.k_start, varlen.k_len)
+
+
+def _strides(x: torch.Tensor, varlen: Varlen | None) -> tuple:
+    """Strides of a (B, H, T, D) operand; in varlen mode a packed one (B = 1) reads batch stride 0, so that
+    every sequence starts from the packed tensor's row 0 (plus its start)."""
+    st = x.stride()
+    return (0, *st[1:]) if varlen is not None and x.shape[0] == 1 else st
+
+
+def _grid_rows(T: int, varlen: Varlen | None, use_max_k: bool = False) -> tuple[int, int]:
+    """(rows of the grid's first axis, batch axis): the call's length and batch, or the longest sequence and the
+    number of sequences."""
+    if varlen is None:
+        return T, None
+    return (varlen.max_k if use_max_k else varlen.max_q), varlen.num_seqs
+
+
 def _common_constexprs(q, k, v, window_left, window_right, mask_kind, mask_row_bcast, dropout_p,
-                       pool: QueryPool | None):
+                       pool: QueryPool | None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                       varlen: Varlen | None = None):
     return dict(
+        VARLEN=varlen is not None,
+        HAS_SOFTCAP=softcap > 0.0, HAS_ALIBI=alibi_slopes is not None,
         POOL=pool.stride if pool else 1, POOL_MAX=bool(pool and pool.mode == "max"),
         POOL_CLS=bool(pool and pool.separate_cls),
         HEAD_DIM_QK=q.shape[-1], HEAD_DIM_V=v.shape[-1],
@@ -797,33 +987,119 @@ def _on_tensor_device(launcher):
     return wrapper
 
 
+# Split-KV decoding (flash-decoding) for varlen calls of short query sequences against long keys: at most
+# DECODE_MAX_Q queries per sequence; splits of at least DECODE_MIN_SPLIT keys, enough to give every SM
+# DECODE_PROGRAMS_PER_SM programs. Tiles (BLOCK_N, warps, stages) per head-dim class: the largest without register
+# spills in Triton 3.9's sm_90 compile of 16 query rows (not yet timed on a GPU).
+DECODE_MAX_Q = 16
+DECODE_MIN_SPLIT = 256
+DECODE_PROGRAMS_PER_SM = 4
+DECODE_TILE = {64: (32, 4, 2), 128: (64, 8, 2), 256: (32, 8, 1), 512: (16, 4, 1), 1024: (16, 4, 1), 2048: (16, 4, 1)}
+INTERPRET_DECODE_BLOCK_N = 16
+_forced_splits: list[int] = []
+
+
+@contextlib.contextmanager
+def forced_splits(n: int):
+    """Run varlen forwards with ``n`` key splits (1: no split-KV path), as tests do under the interpreter."""
+    _forced_splits.append(n)
+    try:
+        yield
+    finally:
+        _forced_splits.pop()
+
+
+def decode_splits(varlen: Varlen, heads: int, dropout_p: float, device: torch.device) -> int:
+    """Key splits of a varlen forward: 1 (the ordinary kernel) unless the sequences are short and the keys long
+    enough that the ordinary grid (one program per (query block, head, sequence)) would leave SMs idle."""
+    if varlen is None or dropout_p > 0.0 or varlen.max_q > DECODE_MAX_Q:
+        return 1
+    if _forced_splits:
+        return _forced_splits[-1]
+    if INTERPRET or device.type != "cuda":
+        return 1
+    programs = heads * varlen.num_seqs
+    target = DECODE_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(target, programs), varlen.max_k // DECODE_MIN_SPLIT))
+
+
+def _decode_forward(q, k, v, out, lse, varlen: Varlen, splits: int, *, scale, window_left, window_right, softcap,
+                    alibi_slopes):
+    """Split-KV forward of a varlen call into ``out (1, Hq, total_q, Dv)`` and ``lse (1, Hq, total_q)``: the parts
+    of :func:`_flash_decode_kernel`, merged as ``out = sum_s exp(lse_s - lse) out_s``, ``lse = logsumexp_s lse_s``."""
+    Hq, Hkv, Dv = q.shape[1], k.shape[1], v.shape[-1]
+    S = varlen.num_seqs
+    block_m = max(MIN_BLOCK_D, triton.next_power_of_2(varlen.max_q))
+    block_dqk, block_dv = _block_d(q.shape[-1]), _block_d(Dv)
+    block_n, warps, stages = DECODE_TILE[head_dim_class(max(block_dqk, block_dv))]
+    if INTERPRET:
+        block_n = INTERPRET_DECODE_BLOCK_N
+    split_len = triton.cdiv(triton.cdiv(varlen.max_k, splits), block_n) * block_n
+    o_part = torch.empty(S, Hq, splits, block_m, block_dv, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(S, Hq, splits, block_m, dtype=torch.float32, device=q.device)
+    alibi, stride_ab = _alibi_args(alibi_slopes, lse)
+    _flash_decode_kernel[(splits, Hq, S)](
+        q, k, v, o_part, lse_part, alibi, *_varlen_args(varlen, lse),
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+        Hq, Hq // Hkv, q.shape[2], k.shape[2], scale * LOG2E, window_left, window_right, softcap * LOG2E, stride_ab,
+        split_len, splits,
+        HEAD_DIM_QK=q.shape[-1], HEAD_DIM_V=Dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0.0,
+        HAS_ALIBI=alibi_slopes is not None, UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    # -- merge the splits; scatter the rows of each sequence back into the packed layout --
+    lse_all = torch.logsumexp(lse_part, dim=2)  # (S, Hq, BM); -inf for a row no split saw
+    weight = torch.exp(lse_part - torch.where(torch.isinf(lse_all), 0.0, lse_all)[:, :, None])
+    merged = (weight[..., None] * o_part).sum(2)[..., :Dv]  # (S, Hq, BM, Dv)
+    rows = varlen.q_start.long()[:, None] + torch.arange(block_m, device=q.device)
+    valid = torch.arange(block_m, device=q.device)[None, :] < varlen.q_len[:, None]
+    out[0].permute(1, 0, 2)[rows[valid]] = merged.permute(0, 2, 1, 3)[valid].to(out.dtype)
+    lse[0].permute(1, 0)[rows[valid]] = lse_all.permute(0, 2, 1)[valid]
+
+
 @_on_tensor_device
 def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
                        scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
-                       dropout_p: float = 0.0, seed: int = 0,
-                       pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       dropout_p: float = 0.0, seed: int = 0, pool: QueryPool | None = None,
+                       softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                       varlen: Varlen | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs are validated by the caller.
 
     q ``(B, Hq, T, Dqk)``, k ``(B, Hkv, Tk, Dqk)``, v ``(B, Hkv, Tk, Dv)``, any strides;
     mask None or bool/float broadcastable to ``(B, Hq, Tq, Tk)``. With ``pool`` the queries are
-    pooled on load and ``Tq = pool.pooled_len(T)``, else ``Tq = T``.
+    pooled on load and ``Tq = pool.pooled_len(T)``, else ``Tq = T``. ``softcap`` (0: none) and
+    ``alibi_slopes`` (``(B, Hq)``, contiguous) as in :func:`effattn.reference.attention_forward`.
+    ``varlen`` (:class:`Varlen`): q is the packed ``(1, Hq, total_q, D)`` view of a ``(total_q, Hq, D)`` tensor and
+    out, lse come as ``(1, Hq, total_q, Dv)`` (a view of a contiguous ``(total_q, Hq, Dv)``) and ``(1, Hq, total_q)``.
     Returns ``out (B, Hq, Tq, Dv)`` (q's dtype, contiguous) and ``lse (B, Hq, Tq)`` float32.
     """
     B, Hq, T, _ = q.shape
     Tq, T_src = (pool.pooled_len(T), pool.source_len(T)) if pool else (T, T)
     Hkv, Tk = k.shape[1], k.shape[2]
-    out = _alloc(B, Hq, Tq, v.shape[-1], dtype=q.dtype, device=q.device)
+    if varlen is None:
+        out = _alloc(B, Hq, Tq, v.shape[-1], dtype=q.dtype, device=q.device)
+    else:  # rows (total_q, Hq, Dv), as flash-attn returns them
+        out = _alloc(Tq, Hq, v.shape[-1], dtype=q.dtype, device=q.device).permute(1, 0, 2).unsqueeze(0)
     lse = _alloc(B, Hq, Tq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    splits = decode_splits(varlen, Hq, dropout_p, q.device)
+    if splits > 1:
+        _decode_forward(q, k, v, out, lse, varlen, splits, scale=scale, window_left=window_left,
+                        window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes)
+        return out, lse
     m, m_strides, mask_kind, row_bcast = _mask_args(mask, (B, Hq, Tq, Tk), q)
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), Hq, B)  # noqa: E731
-    args = (q, k, v, out, lse, m,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
+    rows, batches = _grid_rows(Tq, varlen)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), Hq, batches or B)  # noqa: E731
+    alibi, stride_ab = _alibi_args(alibi_slopes, lse)
+    args = (q, k, v, out, lse, m, alibi, *_varlen_args(varlen, lse),
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *m_strides,
             Hq, Hq // Hkv, Tq, Tk, T_src, scale * LOG2E, window_left, window_right, diag_offset,
-            seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), _bucket(Tq), _bucket(Tk))
+            seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), softcap * LOG2E, stride_ab,
+            _bucket(rows), _bucket(_grid_rows(Tk, varlen, use_max_k=True)[0]))
     _launch(_flash_fwd_kernel, "fwd", FWD_CONFIGS, grid, args,
-            _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p, pool))
+            _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p, pool, softcap,
+                               alibi_slopes, varlen))
     return out, lse
 
 
@@ -831,18 +1107,28 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, mask: torch.Tensor | None, dlse: torch.Tensor | None = None, *,
                         scale: float, window_left: int = -1, window_right: int = -1, diag_offset: int = 0,
-                        dropout_p: float = 0.0, seed: int = 0,
-                        pool: QueryPool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        dropout_p: float = 0.0, seed: int = 0, pool: QueryPool | None = None,
+                        softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                        varlen: Varlen | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels (preprocess, dK/dV, dQ). Same arguments as the forward, plus
     ``dout (B, Hq, Tq, Dv)``, the forward's ``out`` and ``lse``, and optionally ``dlse (B, Hq, Tq)``.
     Returns ``dq, dk, dv`` shaped and typed like q, k, v (contiguous); with ``pool``, ``dq`` is the
-    gradient of the unpooled q (rows that feed no pooled row, cut by truncation, get 0)."""
+    gradient of the unpooled q (rows that feed no pooled row, cut by truncation, get 0). With ``varlen`` the
+    gradients are views of contiguous tensors in the packed (or cache) layouts, cache slots past a sequence's
+    keys 0."""
     B, Hq, T, _ = q.shape
     Tq, T_src = (pool.pooled_len(T), pool.source_len(T)) if pool else (T, T)
     Hkv, Tk = k.shape[1], k.shape[2]
-    dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
-    dk = _alloc(k.shape, dtype=k.dtype, device=k.device)
-    dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
+    if varlen is None:
+        dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
+        dk = _alloc(k.shape, dtype=k.dtype, device=k.device)
+        dv = _alloc(v.shape, dtype=v.dtype, device=v.device)
+    else:  # in the layouts of the 3-D / cache tensors that q, k, v view
+        dq, dk, dv = (_alloc(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=x.dtype,
+                             device=x.device).permute(0, 2, 1, 3) for x in (q, k, v))
+        if k.shape[0] > 1:  # a cache: slots past each sequence's keys get no gradient
+            dk.zero_()
+            dv.zero_()
     if Tq == 0 or Tk == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     if pool is not None:
@@ -857,17 +1143,24 @@ def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         HEAD_DIM_V=v.shape[-1], BLOCK_DV=block_dv, HAS_DLSE=dlse is not None, BLOCK_M=preprocess_block,
     )
     m, m_strides, mask_kind, row_bcast = _mask_args(mask, (B, Hq, Tq, Tk), q)
-    constexprs = _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p, pool)
+    constexprs = _common_constexprs(q, k, v, window_left, window_right, mask_kind, row_bcast, dropout_p, pool, softcap,
+                                    alibi_slopes, varlen)
+    alibi, stride_ab = _alibi_args(alibi_slopes, delta)
+    rows_q, batches = _grid_rows(Tq, varlen)
+    rows_k, _ = _grid_rows(Tk, varlen, use_max_k=True)
     runtime = (scale, scale * LOG2E, window_left, window_right, diag_offset,
-               seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), _bucket(Tq), _bucket(Tk))
-    grid_kv = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
+               seed, dropout_threshold(dropout_p), dropout_scale(dropout_p), softcap * LOG2E, stride_ab,
+               _bucket(rows_q), _bucket(rows_k))
+    seqs = _varlen_args(varlen, delta)
+    st = functools.partial(_strides, varlen=varlen)
+    grid_kv = lambda meta: (triton.cdiv(rows_k, meta["BLOCK_N"]), Hkv, batches or B)  # noqa: E731
     _launch(_flash_bwd_dkdv_kernel, "bwd_kv", BWD_KV_CONFIGS, grid_kv,
-            (q, k, v, dout, lse, delta, dk, dv, m,
-             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *m_strides,
+            (q, k, v, dout, lse, delta, dk, dv, m, alibi, *seqs,
+             *st(q), *st(k), *st(v), *st(dout), *st(dk), *st(dv), *m_strides,
              Hq, Hkv, Hq // Hkv, Tq, Tk, T_src, *runtime), constexprs)
-    grid_q = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), Hq, B)  # noqa: E731
+    grid_q = lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"]), Hq, batches or B)  # noqa: E731
     _launch(_flash_bwd_dq_kernel, "bwd_q", BWD_Q_CONFIGS, grid_q,
-            (q, k, v, dout, lse, delta, dq, m,
-             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *m_strides,
+            (q, k, v, dout, lse, delta, dq, m, alibi, *seqs,
+             *st(q), *st(k), *st(v), *st(dout), *st(dq), *m_strides,
              Hq, Hq // Hkv, Tq, Tk, T_src, *runtime), constexprs)
     return dq, dk, dv

@@ -19,7 +19,6 @@ warm-up; peak memory is torch's CPU allocator's (profiler allocation events) or 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -40,18 +39,11 @@ CHECK_TOL = dict(atol=2e-3, rtol=2e-3)  # float32, a whole model: errors add up 
 
 
 def make_models(device: str, backend: str | None, size: str = "base"):
-    from transformers import FunnelBaseModel, FunnelConfig
+    from bench.ops import funnel_models
 
-    from effattn.integrations import funnel
-
-    torch.manual_seed(SEED)
     d_model, n_head, d_head, d_inner, block_sizes = SIZES[size]
-    cfg = FunnelConfig(d_model=d_model, n_head=n_head, d_head=d_head, d_inner=d_inner, block_sizes=list(block_sizes),
-                       hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    eager = FunnelBaseModel(cfg).to(device).eval()
-    band = funnel.patch(copy.deepcopy(eager), backend=backend)
-    features = funnel.patch(copy.deepcopy(eager), backend=backend, route="features")
-    return cfg, {"eager": eager, "band": band, "features": features}
+    return funnel_models(d_model, n_head, d_head, device, torch.float32, d_inner=d_inner, block_sizes=block_sizes,
+                         backend=backend)
 
 
 def step_fn(model, embeds: torch.Tensor, mode: str):

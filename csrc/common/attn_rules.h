@@ -124,6 +124,13 @@ EA_HD int64_t query_pos(const AttnParams& p, int64_t row) {
   return p.pool_cls ? imax(pos, 0) : pos;
 }
 
+// ALiBi's distance of key ``col`` from query row ``row``: measured from the row's position on the key
+// grid, the one the window rule uses.
+EA_HD int64_t alibi_distance(const AttnParams& p, int64_t row, int64_t col) {
+  const int64_t d = query_pos(p, row) - col;
+  return d < 0 ? -d : d;
+}
+
 // ``-left <= d <= right`` with a negative bound unbounded.
 EA_HD bool window_ok(int64_t d, int64_t left, int64_t right) {
   return (left < 0 || d >= -left) && (right < 0 || d <= right);

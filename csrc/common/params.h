@@ -52,6 +52,12 @@ struct AttnParams {
   double scale = 1.0;
   // -- window rule (dense): -window_left <= key - pos(row) <= window_right, negative = unbounded --
   int64_t window_left = -1, window_right = -1, diag_offset = 0;
+  // -- score modifiers (dense), applied to scale * q.k before the masks, in this order --
+  double softcap = 0.0;  // > 0: softcap * tanh(s / softcap) (the soft cap of Gemma-2); 0 = none
+  // ALiBi: -slope[b, h] * |pos(row) - key|, pos the window rule's query position; slopes (B, Hq) in the
+  // accumulation dtype (float32, float64 for float64 inputs), heads contiguous; 0 = none
+  int64_t alibi = 0;
+  int64_t alibi_sb = 0;
   // -- query pooling (Funnel): stride 1 = none --
   int pool_stride = 1, pool_mode = kPoolMean, pool_cls = 0;
   // -- block-sparse (BlockMask): blocks of block_q x block_kv, lists, and the rule of PARTIAL blocks --

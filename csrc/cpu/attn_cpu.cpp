@@ -12,6 +12,7 @@
 #include "attn_cpu.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -96,10 +97,20 @@ struct Attention {
     return s;
   }
 
-  // Masked score of (row, col): scale * q.k + bias, or -inf when not visible.
-  A score(int b, int h, int64_t row, int64_t col, bool partial, const A* qr, const A* kc) const {
+  // Masked score of (row, col), or -inf when not visible: s = scale * q.k, soft-capped to
+  // softcap * tanh(s / softcap), plus ALiBi's -slope * distance, plus the additive mask. ``dcap``, unless
+  // null, gets the derivative of the cap there, 1 - tanh^2 (left alone without a cap).
+  A score(int b, int h, int64_t row, int64_t col, bool partial, const A* qr, const A* kc, A* dcap = nullptr) const {
     if (!element_visible(p, b, h, row, col, partial)) return neg_inf<A>();
-    return dot(qr, kc, p.Dqk) * static_cast<A>(p.scale) + static_cast<A>(mask_bias(p, b, h, row, col));
+    A s = dot(qr, kc, p.Dqk) * static_cast<A>(p.scale);
+    if (p.softcap > 0.0) {
+      const A cap = static_cast<A>(p.softcap);
+      const A t = std::tanh(s / cap);
+      s = cap * t;
+      if (dcap) *dcap = A(1) - t * t;
+    }
+    if (p.alibi) s -= cptr<A>(p.alibi)[b * p.alibi_sb + h] * static_cast<A>(alibi_distance(p, row, col));
+    return s + static_cast<A>(mask_bias(p, b, h, row, col));
   }
 
   void forward() const {
@@ -210,13 +221,14 @@ struct Attention {
                 const A* qr = &qt[static_cast<size_t>(r) * p.Dqk];
                 const A* dor = &dot_[static_cast<size_t>(r) * p.Dv];
                 for (int c = 0; c < cols; ++c) {
-                  const A sc = score(b, h, m0 + r, n0 + c, partial, qr, &kt[static_cast<size_t>(c) * p.Dqk]);
+                  A dcap = 1;
+                  const A sc = score(b, h, m0 + r, n0 + c, partial, qr, &kt[static_cast<size_t>(c) * p.Dqk], &dcap);
                   const A pr = std::exp(sc - shift);
                   if (pr == A(0)) continue;
-                  // -- dV += (P Z)^T dO; dP = dO V^T; dS = P (dP Z - delta); dK += dS^T Q --
+                  // -- dV += (P Z)^T dO; dP = dO V^T; dS = P (dP Z - delta) (1 - tanh^2); dK += dS^T Q --
                   const A z = drop(b, h, m0 + r, n0 + c);
                   const A dp = dot(dor, &vt[static_cast<size_t>(c) * p.Dv], p.Dv);
-                  const A ds = pr * (dp * z - dl);
+                  const A ds = pr * (dp * z - dl) * dcap;
                   const A pz = pr * z;
                   for (int d = 0; d < p.Dv; ++d) dv[static_cast<size_t>(c) * p.Dv + d] += pz * dor[d];
                   for (int d = 0; d < p.Dqk; ++d) dk[static_cast<size_t>(c) * p.Dqk + d] += ds * qr[d];
@@ -267,10 +279,11 @@ struct Attention {
               const A* qr = &qt[static_cast<size_t>(r) * p.Dqk];
               for (int c = 0; c < cols; ++c) {
                 const A* kc = &kt[static_cast<size_t>(c) * p.Dqk];
-                const A pr = std::exp(score(b, h, m0 + r, n0 + c, partial, qr, kc) - shift);
+                A dcap = 1;
+                const A pr = std::exp(score(b, h, m0 + r, n0 + c, partial, qr, kc, &dcap) - shift);
                 if (pr == A(0)) continue;
                 const A dp = dot(&dot_[static_cast<size_t>(r) * p.Dv], &vt[static_cast<size_t>(c) * p.Dv], p.Dv);
-                const A ds = pr * (dp * drop(b, h, m0 + r, n0 + c) - dl);
+                const A ds = pr * (dp * drop(b, h, m0 + r, n0 + c) - dl) * dcap;
                 for (int d = 0; d < p.Dqk; ++d) dq[static_cast<size_t>(r) * p.Dqk + d] += ds * kc[d];
               }
             }
@@ -326,11 +339,21 @@ void check_dropout(const AttnParams& p) {
   require(p.dropout_p == 0.0 || !p.sparse, "dropout is not supported with block-sparse attention");
 }
 
+// Score modifiers: a finite soft cap >= 0, and neither it nor ALiBi with block-sparse attention (whose
+// semantics have neither).
+void check_score_mods(const AttnParams& p) {
+  require(std::isfinite(p.softcap) && p.softcap >= 0.0,
+          "softcap must be finite and >= 0, got " + std::to_string(p.softcap));
+  require((p.softcap == 0.0 && p.alibi == 0) || !p.sparse,
+          "softcap and ALiBi are not supported with block-sparse attention");
+}
+
 }  // namespace
 
 void cpu_forward(const AttnParams& p) {
   check_forward(p);
   check_dropout(p);
+  check_score_mods(p);
   if (p.dtype != kFloat64) return cpu::tiled_forward(p);
   require(p.tile_m >= 1 && p.tile_n >= 1, "tile sizes must be >= 1");
   Attention<double, double>(p).forward();
@@ -339,6 +362,7 @@ void cpu_forward(const AttnParams& p) {
 void cpu_backward(const AttnParams& p) {
   check_backward(p);
   check_dropout(p);
+  check_score_mods(p);
   if (p.dtype != kFloat64) return cpu::tiled_backward(p);
   require(p.tile_m >= 1 && p.tile_n >= 1, "tile sizes must be >= 1");
   const Attention<double, double> a(p);

@@ -7,8 +7,11 @@
 //     m' = max(m, rowmax S);  P = exp2(S - m');  l = l * exp2(m - m') + rowsum P
 //     O = O * exp2(m - m') + P V
 // then out = O / l and lse = (m + log2 l) * ln 2 (out 0, lse -inf for a row that sees no key).
+// The score modifiers act on S before the masks, in the same domain: the soft cap S = c t with
+// t = tanh(S / c), c = softcap * log2 e (the cap of the natural-log scores), then ALiBi's
+// -slope * log2(e) * |pos - key| (pos: the row's position on the key grid, as the window rule's).
 // Backward, with delta = rowsum(dO * O) - dlse and P = exp2(S - lse * log2(e)) recomputed:
-//     dP = dO V^T,  dS = P * (dP - delta)
+//     dP = dO V^T,  dS = P * (dP - delta)  (times 1 - t^2 under a soft cap, t recomputed with S)
 //     per (batch, kv head, key tile), over the query tiles of every head of its GQA group:
 //         dV += P^T dO,  dK += dS^T Q * scale
 //     per (batch, head, query tile), over its key tiles:
@@ -46,6 +49,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -134,6 +138,10 @@ struct Tiled {
   float c2;  // scale * log2(e): scores in the exp2 domain
   bool dropout;      // dropout_p > 0
   DropoutTile drop;  // its seed, threshold and scale (the counters set per row by drop_at)
+  float cap2;        // softcap * log2(e), the cap of the exp2-domain scores; 0 = none
+  bool alibi;        // ALiBi slopes given
+  bool score_mods;   // a soft cap or ALiBi: tiles pass through modify_tile(_t) before the masks
+  std::vector<float> key_index;  // 0, 1, ..., BNp - 1: the keys of a row of a plain-layout tile (ALiBi)
 
   // ``bm`` x ``bn``: the tiles before the cap by the block sizes of a BlockMask.
   Tiled(const AttnParams& params, int bm, int bn)
@@ -150,7 +158,13 @@ struct Tiled {
         c2(static_cast<float>(params.scale * kLog2e)),
         dropout(params.dropout_p > 0.0),
         drop{params.seed, dropout_threshold(params.dropout_p),
-             static_cast<float>(dropout_scale(dropout_threshold(params.dropout_p))), 0, 0, 0} {}
+             static_cast<float>(dropout_scale(dropout_threshold(params.dropout_p))), 0, 0, 0},
+        cap2(static_cast<float>(params.softcap * kLog2e)),
+        alibi(params.alibi != 0),
+        score_mods(params.softcap > 0.0 || alibi),
+        key_index(alibi ? BNp : 0) {
+    std::iota(key_index.begin(), key_index.end(), 0.f);
+  }
 
   // The dropout draws of a row of a tile whose element 0 is (key, row) of head h of batch b.
   DropoutTile drop_at(int b, int h, int64_t key, int64_t row) const {
@@ -244,6 +258,43 @@ struct Tiled {
     for (int64_t c = imax(hi, keep_below - n0); c < cols; ++c) s[c * sc] = ninf;
   }
 
+  // ALiBi's slope of head h of batch b, for exp2-domain scores.
+  float slope2(int b, int h) const { return cptr<float>(p.alibi)[b * p.alibi_sb + h] * kLog2eF; }
+
+  // The score modifiers on the exp2-domain tile (m0, n0) of the transposed layout (key c, row r at
+  // St[c * BMp + r]), before its masks: the soft cap, its derivative 1 - t^2 into dcap (same layout)
+  // unless null, then ALiBi. ``dist``: BMp floats of scratch.
+  void modify_tile_t(float* St, int b, int h, int64_t m0, int64_t n0, int cols, float* dcap, float* dist) const {
+    if (cap2 > 0.f)
+      for (int c = 0; c < cols; ++c) {
+        const int64_t at = static_cast<int64_t>(c) * BMp;
+        kr.softcap(St + at, BMp, cap2, dcap ? dcap + at : nullptr);
+      }
+    if (alibi) {
+      // the rows' distances from key n0 (exact in fp32 below 2^24), then from key n0 + c, column by column
+      for (int r = 0; r < BMp; ++r) dist[r] = static_cast<float>(query_pos(p, m0 + r) - n0);
+      const float slope = slope2(b, h);
+      for (int c = 0; c < cols; ++c)
+        kr.alibi(St + static_cast<int64_t>(c) * BMp, dist, static_cast<float>(c), slope, BMp);
+    }
+  }
+
+  // The same on the plain layout (row r, key c at S[r * BNp + c]); dcap as S, written when capped.
+  void modify_tile(float* S, int b, int h, int64_t m0, int rows, int64_t n0, float* dcap) const {
+    if (cap2 > 0.f)
+      for (int r = 0; r < rows; ++r) {
+        const int64_t at = static_cast<int64_t>(r) * BNp;
+        kr.softcap(S + at, BNp, cap2, dcap + at);
+      }
+    if (alibi) {
+      const float slope = slope2(b, h);
+      for (int r = 0; r < rows; ++r) {
+        const float pos = static_cast<float>(query_pos(p, m0 + r) - n0);  // the row's, from key n0
+        kr.alibi(S + static_cast<int64_t>(r) * BNp, key_index.data(), pos, slope, BNp);
+      }
+    }
+  }
+
   // Exp2-domain scores of tile (m0, n0), element (r, c) at S[r * sr + c * sc]: -inf where the rule or
   // the bool mask hides a key, the additive mask added (in log2 units).
   void mask_tile(float* S, int64_t sr, int64_t sc, int b, int h, int64_t m0, int rows, int64_t n0, int cols,
@@ -334,7 +385,7 @@ struct Tiled {
   // K, V are read in place when they are fp32
   // ------------------------------------------------------------------------------------------------
   struct FwdScratch {
-    std::vector<float> q, qt, k, v, st, acc, m, l, alpha, tmp;
+    std::vector<float> q, qt, k, v, st, acc, m, l, alpha, tmp, dist;
   };
 
   FwdScratch make_fwd() const {
@@ -349,6 +400,7 @@ struct Tiled {
     w.l = buf(1, BMp);
     w.alpha = buf(1, BMp);
     w.tmp = buf(1, std::max(Dp, Dvp));
+    w.dist = buf(1, alibi ? BMp : 0);
     return w;
   }
 
@@ -366,9 +418,10 @@ struct Tiled {
     std::fill(w.acc.begin(), w.acc.end(), 0.f);
     float* St = w.st.data();
     walk_key_tiles(b, h, m0, rows, [&](int64_t n0, int cols, TileKind kind) {
-      // -- S^T = K Q^T, masked --
+      // -- S^T = K Q^T, modified, masked --
       const View K = rows_view(p.k, p.sk, b, kvh, n0, cols, p.Dqk, false, w.k.data());
       kr.gemm(cols, BMp, p.Dqk, K.ptr, K.si, K.sk, w.qt.data(), BMp, St, BMp, false);
+      if (score_mods) modify_tile_t(St, b, h, m0, n0, cols, nullptr, w.dist.data());
       if (needs_mask(kind)) mask_tile(St, 1, BMp, b, h, m0, rows, n0, cols, kind);
       // -- online softmax (m, l of the undropped P), dropout, then O = O * alpha + (P Z) V --
       kr.softmax_t(St, cols, BMp, BMp, w.m.data(), w.l.data(), w.alpha.data());
@@ -429,7 +482,7 @@ struct Tiled {
   // dK, dV per key tile in the plain layout, S = Q (K^T scale log2 e): K^T and V^T are packed once per
   // task, Q and dO are read in place when they are fp32.
   struct DkdvScratch {
-    std::vector<float> k, kt, v, vt, q, dout, s, dp, dk, dv, lse2, delta, tmp;
+    std::vector<float> k, kt, v, vt, q, dout, s, dp, dk, dv, lse2, delta, tmp, dcap;
   };
 
   DkdvScratch make_dkdv() const {
@@ -447,6 +500,7 @@ struct Tiled {
     w.lse2 = buf(1, BMp);
     w.delta = buf(1, BMp);
     w.tmp = buf(1, std::max(Dp, Dvp));
+    w.dcap = buf(cap2 > 0.f ? BM : 0, BNp);
     return w;
   }
 
@@ -485,8 +539,9 @@ struct Tiled {
         const View Q = q_view(b, h, m0, rows, true, w.q.data(), w.tmp.data());
         const View dO = rows_view(p.dout, p.sdo, b, h, m0, rows, p.Dv, true, w.dout.data());
         row_stats(b, h, m0, rows, w.lse2.data(), w.delta.data());
-        // -- S = Q K^T, P = exp2(S - lse), dP = dO V^T, dS = P (dP Z - delta), P Z in place of P --
+        // -- S = Q K^T, P = exp2(S - lse), dP = dO V^T, dS = P (dP Z - delta) (1 - t^2), P Z in place of P --
         kr.gemm(rows, BNp, p.Dqk, Q.ptr, Q.si, Q.sk, w.kt.data(), BNp, S, BNp, false);
+        if (score_mods) modify_tile(S, b, h, m0, rows, n0, w.dcap.data());
         if (needs_mask(kind)) mask_tile(S, BNp, 1, b, h, m0, rows, n0, cols, kind);
         kr.gemm(rows, BNp, p.Dv, dO.ptr, dO.si, dO.sk, w.vt.data(), BNp, dP, BNp, false);
         for (int r = 0; r < rows; ++r) {
@@ -498,6 +553,8 @@ struct Tiled {
           else
             kr.dsoftmax(dp, s, BNp, w.delta[r]);
         }
+        if (cap2 > 0.f)
+          for (int r = 0; r < rows; ++r) kr.mul(dP + static_cast<int64_t>(r) * BNp, w.dcap.data() + r * BNp, BNp);
         // -- dV += (P Z)^T dO, dK += dS^T Q --
         kr.gemm(cols, Dvp, rows, S, 1, BNp, dO.ptr, dO.si, w.dv.data(), Dvp, true);
         kr.gemm(cols, Dp, rows, dP, 1, BNp, Q.ptr, Q.si, w.dk.data(), Dp, true);
@@ -541,7 +598,7 @@ struct Tiled {
   // dQ per query tile in the transposed layout, S^T = K (Q^T scale log2 e): Q^T and dO^T are packed
   // once per task, K and V are read in place when they are fp32.
   struct DqScratch {
-    std::vector<float> q, qt, dout, dot, k, v, st, dpt, dq, lse2, delta, tmp;
+    std::vector<float> q, qt, dout, dot, k, v, st, dpt, dq, lse2, delta, tmp, dcap, dist;
   };
 
   DqScratch make_dq() const {
@@ -558,6 +615,8 @@ struct Tiled {
     w.lse2 = buf(1, BMp);
     w.delta = buf(1, BMp);
     w.tmp = buf(1, std::max(Dp, Dvp));
+    w.dcap = buf(cap2 > 0.f ? BN : 0, BMp);
+    w.dist = buf(1, alibi ? BMp : 0);
     return w;
   }
 
@@ -576,10 +635,11 @@ struct Tiled {
     float* St = w.st.data();
     float* dPt = w.dpt.data();
     walk_key_tiles(b, h, m0, rows, [&](int64_t n0, int cols, TileKind kind) {
-      // -- S^T = K Q^T, P^T = exp2(S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T Z - delta) --
+      // -- S^T = K Q^T, P^T = exp2(S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T Z - delta) (1 - t^2) --
       const View K = rows_view(p.k, p.sk, b, kvh, n0, cols, p.Dqk, true, w.k.data());
       const View V = rows_view(p.v, p.sv, b, kvh, n0, cols, p.Dv, false, w.v.data());
       kr.gemm(cols, BMp, p.Dqk, K.ptr, K.si, K.sk, w.qt.data(), BMp, St, BMp, false);
+      if (score_mods) modify_tile_t(St, b, h, m0, n0, cols, w.dcap.data(), w.dist.data());
       if (needs_mask(kind)) mask_tile(St, 1, BMp, b, h, m0, rows, n0, cols, kind);
       kr.gemm(cols, BMp, p.Dv, V.ptr, V.si, V.sk, w.dot.data(), BMp, dPt, BMp, false);
       for (int c = 0; c < cols; ++c) {
@@ -589,6 +649,8 @@ struct Tiled {
         if (dropout) kr.dropout(dp, BMp, drop_at(b, h, n0 + c, m0), true);
         kr.dsoftmax_vec(dp, s, w.delta.data(), BMp);
       }
+      if (cap2 > 0.f)
+        for (int c = 0; c < cols; ++c) kr.mul(dPt + static_cast<int64_t>(c) * BMp, w.dcap.data() + c * BMp, BMp);
       // -- dQ += dS K --
       kr.gemm(rows, Dp, cols, dPt, 1, BMp, K.ptr, K.si, w.dq.data(), Dp, true);
     });

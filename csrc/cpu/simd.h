@@ -62,6 +62,14 @@ struct Kernels {
   // The backward's row pass under dropout, keys side by side (as ``dropout`` with along_rows false):
   // with z the kept scale, dp[i] = p[i] * (dp[i] * z - delta), then p[i] *= z.
   void (*dropout_dsoftmax)(float* dp, float* p, int n, float delta, const DropoutTile& d);
+  // The soft cap, n % kPad == 0: t = tanh(x[i] / cap), x[i] = cap * t, and, unless dcap is null, its
+  // derivative dcap[i] = 1 - t^2.
+  void (*softcap)(float* x, int n, float cap, float* dcap);
+  // ALiBi's bias, n % kPad == 0: x[i] -= slope * |a[i] - b| (a[i], b: a row's position and a key, or a key and
+  // a row's position, both counted from the tile's first key).
+  void (*alibi)(float* x, const float* a, float b, float slope, int n);
+  // x[i] *= y[i]  (n % kPad == 0)
+  void (*mul)(float* x, const float* y, int n);
 };
 
 // The tables compiled into the extension (the AVX ones only on x86-64 with a compiler that has them).

@@ -48,6 +48,16 @@ FLASH_CASES = [
     ({}, dict(causal=1), TypeError, "causal must be a bool"),
     ({}, dict(dropout_p=0.1, dropout_seed=-1), ValueError, "dropout_seed must be"),
     ({}, dict(backend="cudnn"), ValueError, r"backend must be one of \['cpp', 'cuda', 'reference', 'triton'\]"),
+    ({}, dict(softcap=-1.0), ValueError, "softcap must be a finite float >= 0"),
+    ({}, dict(softcap=float("inf")), ValueError, "softcap must be a finite float >= 0"),
+    ({}, dict(softcap="1"), TypeError, "softcap must be a float"),
+    ({}, dict(alibi_slopes=[0.5, 0.25]), TypeError, "alibi_slopes must be a torch.Tensor"),
+    ({}, dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(Hq,\) = \(2,\)"),
+    ({}, dict(alibi_slopes=torch.ones(2, 2, 1)), ValueError, r"or \(B, Hq\) = \(2, 2\)"),
+    ({}, dict(alibi_slopes=torch.ones(2, dtype=torch.int32)), TypeError, "alibi_slopes must be a floating tensor"),
+    ({}, dict(alibi_slopes=torch.ones(2, requires_grad=True)), ValueError, "alibi_slopes cannot require grad"),
+    ({}, dict(alibi_slopes=torch.ones(2), segment_ids=torch.zeros(2, 8, dtype=torch.long)), ValueError,
+     "segment_ids cannot be combined with softcap or alibi_slopes"),
 ]
 
 

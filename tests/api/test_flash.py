@@ -156,6 +156,64 @@ def test_deterministic(backend):
 
 
 # ----------------------------------------------------------------------------------------------
+# score modifiers: soft-capping and ALiBi (flash-attn's softcap and alibi_slopes)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("softcap,alibi", [(2.0, None), (0.0, "heads"), (0.5, "batch-heads")])
+@pytest.mark.parametrize("Tq,Tk,causal,window", [(37, 75, True, None), (75, 37, True, None), (40, 40, False, None),
+                                                 (53, 61, False, (9, 4))])
+@pytest.mark.interpreter_subset(Tq=[37], softcap=[2.0, 0.5])
+@pytest.mark.interpreter_subset(Tq=[53], softcap=[0.0])
+def test_softcap_alibi(backend, softcap, alibi, Tq, Tk, causal, window):
+    """Against the reference with GQA, key padding (a fully padded batch row), bottom-right positions either way."""
+    q, k, v = make_qkv(Hq=4, Hkv=2, Tq=Tq, Tk=Tk, D=40, device=backend.device)
+    slopes = {None: None, "heads": torch.rand(4), "batch-heads": torch.rand(2, 4)}[alibi]
+    kpm = torch.rand(2, Tk, device=backend.device) > 0.25
+    kpm[1] = False
+    compare_with_reference(q, k, v, backend=backend, causal=causal, window=window, key_padding_mask=kpm,
+                           softcap=softcap, alibi_slopes=None if slopes is None else slopes.to(backend.device),
+                           lse_grad=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.interpreter_subset(dtype=[torch.bfloat16])
+def test_softcap_alibi_dtypes(backend, dtype):
+    q, k, v = make_qkv(Hq=2, Tq=45, Tk=66, D=64, dtype=dtype, device=backend.device)
+    compare_with_reference(q, k, v, backend=backend, causal=True, softcap=1.5,
+                           alibi_slopes=torch.tensor([0.5, 0.0625], device=backend.device))
+
+
+def test_softcap_alibi_with_dropout(backend):
+    q, k, v = make_qkv(Hq=2, Tq=33, Tk=47, D=32, dtype=torch.float32, device=backend.device)
+    compare_with_reference(q, k, v, backend=backend, softcap=1.0, alibi_slopes=torch.rand(2, device=backend.device),
+                           dropout_p=0.3, dropout_seed=7)
+
+
+def test_score_modifiers_change_the_output(backend):
+    """A modifier a backend ignored would leave the plain output: each one must move it."""
+    q, k, v = make_qkv(B=1, Hq=2, Tq=20, D=16, dtype=torch.float32, device=backend.device)
+    plain = backend.run(effattn.flash_attention, q, k, v)
+    for kwargs in (dict(softcap=0.5), dict(alibi_slopes=torch.ones(2, device=backend.device))):
+        modified = backend.run(effattn.flash_attention, q, k, v, **kwargs)
+        assert (modified - plain).abs().max() > 1e-2, kwargs
+
+
+def test_alibi_and_softcap_are_flash_attn_formulas():
+    """The reference's ALiBi is flash-attn's bias ``-slope·|i + Tk - Tq - j|`` (given here as a float mask) and its
+    soft cap ``softcap·tanh(s / softcap)`` (written out in PyTorch), causal bottom-right."""
+    q, k, v = make_qkv(B=2, Hq=3, Hkv=1, Tq=11, Tk=19, D=8, dtype=torch.float64)
+    slopes = torch.rand(2, 3, dtype=torch.float64)
+    i, j = torch.arange(11)[:, None], torch.arange(19)[None, :]
+    bias = -slopes[:, :, None, None] * (i + 19 - 11 - j).abs()
+    got = effattn.flash_attention(q, k, v, causal=True, alibi_slopes=slopes, backend="reference")
+    want = effattn.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(j > i + 8, float("-inf")),
+                                                enable_gqa=True, backend="reference")
+    torch.testing.assert_close(got, want)
+    s = 2.0 * torch.tanh(q @ k.transpose(-1, -2) / 8 ** 0.5 / 2.0)
+    want = torch.softmax(s, -1) @ v
+    torch.testing.assert_close(effattn.flash_attention(q, k, v, softcap=2.0, backend="reference"), want)
+
+
+# ----------------------------------------------------------------------------------------------
 # dropout
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

@@ -13,17 +13,19 @@ from effattn.backends import AttentionCall
 from tests.helpers import make_qkv
 
 
-def _op_args(q, k, v, mask=None, backend="reference"):
-    return (q, k, v, mask, 0.25, 3, 0, k.shape[2] - q.shape[2], 0.0, 0, backend)
+def _op_args(q, k, v, mask=None, backend="reference", softcap=0.0, alibi=None):
+    return (q, k, v, mask, 0.25, 3, 0, k.shape[2] - q.shape[2], 0.0, 0, softcap, alibi, backend)
 
 
+@pytest.mark.parametrize("score_mods", [False, True], ids=["plain", "softcap-alibi"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck_forward(device, backend):
+def test_opcheck_forward(device, backend, score_mods):
     if backend == "reference" and device != "cpu":
         device = "cpu"
     q, k, v = make_qkv(Hq=4, Hkv=2, Tq=9, Tk=13, D=16, dtype=torch.float32, device=device)
     mask = torch.rand(2, 1, 1, 13, device=device) > 0.2
-    torch.library.opcheck(torch.ops.effattn.attention_fwd.default, _op_args(q, k, v, mask, backend))
+    mods = dict(softcap=3.0, alibi=torch.rand(2, 4, device=device)) if score_mods else {}
+    torch.library.opcheck(torch.ops.effattn.attention_fwd.default, _op_args(q, k, v, mask, backend, **mods))
 
 
 def test_fake_tensors_propagate_shapes():

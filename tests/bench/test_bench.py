@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench import bench_attention
-from bench.cases import OP_NAMES, PRESETS, Case, expand
+from bench.cases import FUNNEL_OPS, OP_NAMES, PRESETS, Case, expand
 from bench.flops import attention_flops, visible_pairs
 from bench.ops import OPS
 from bench.providers import PROVIDERS, NotSupportedError, Provider
@@ -48,7 +48,7 @@ def _check_rows(rows, device):
             assert (row["kept"] is not None) == (row["op"] in ("sparse", "predict")), row
         else:
             assert row["reason"], row
-        if row["provider"].startswith("sdpa") and row["op"] == "funnel":  # no Funnel layer built on SDPA
+        if row["provider"].startswith("sdpa") and row["op"] in FUNNEL_OPS:  # no Funnel layer built on SDPA
             assert row["status"] == STATUS_SKIPPED and "Funnel" in row["reason"], row
         elif row["provider"] in TORCH_PROVIDERS:
             assert row["status"] == STATUS_OK, row
@@ -89,7 +89,7 @@ def test_cli_tiny_cpu_writes_valid_files(tmp_path, capsys):
         assert key in meta
     assert meta["device"] == "cpu" and "--preset tiny" in meta["command"]
     assert meta["ceilings"]["matmul_tflops"] > 0 and meta["ceilings"]["copy_gbps"] > 0
-    cases = [c for c in expand(PRESETS["tiny"], "cpu") if c.seqlen_q == 64]
+    cases = [c for c in expand(PRESETS["tiny"], "cpu") if c.seqlen_k == 64]  # decode: Tq = 1
     assert len(rows) == sum(case.op in p.ops for case in cases for p in PROVIDERS.values())
     _check_rows(rows, "cpu")
     assert {r["provider"] for r in rows if r["status"] == STATUS_SKIPPED} >= {"effattn-triton", "flex"}
@@ -335,12 +335,17 @@ def test_overrides_reach_every_part_and_ops_select_parts():
     quick = PRESETS["quick"]
     assert quick.parts
     seqlen = quick.replace(seqlens=(128,))
-    assert {c.seqlen_q for c in expand(seqlen, "cpu")} == {128}
+    assert {c.seqlen_k for c in expand(seqlen, "cpu")} == {128}  # decode cases have Tq = 1
     sparse = expand(quick.replace(ops=("sparse",)), "cpu")
     assert {c.op for c in sparse} == {"sparse"}
     assert {c.pattern for c in sparse} == {"random", "documents"}  # the main sweep's and a part's
     funnel = expand(quick.replace(ops=("funnel",)), "cpu")
     assert {c.op for c in funnel} == {"funnel"} and {c.dtype for c in funnel} == {"fp32"}
+    # the whole model is a part's op only (the base size at T=1k); --op gives it to the main sweep too
+    model = {(c.heads_q * c.headdim, c.seqlen_q) for c in expand(quick, "cpu") if c.op == "funnel-model"}
+    assert model == {(768, 1024)}
+    assert (768, 1024) in {(c.heads_q * c.headdim, c.seqlen_q) for c in expand(quick.replace(ops=("funnel-model",)),
+                                                                                 "cpu")}
 
 
 def test_min_run_time_replaces_the_presets(tmp_path):

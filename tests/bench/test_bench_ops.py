@@ -107,6 +107,42 @@ def test_funnel_cost_is_an_ordinary_layer():
     assert _cost(case).fwd_flops == _count(plain_layer)
 
 
+def test_funnel_model_cost_is_a_plain_model_of_its_layers():
+    case = dataclasses.replace(CASE, op="funnel-model", stride=2, batch=1, seqlen_q=101, seqlen_k=101)
+    B, T, H, D = case.batch, case.seqlen_q, case.heads_q, case.headdim
+    d, tp = H * D, query_pool(case).pooled_len(case.seqlen_q)
+    w = [torch.randn(d, d) for _ in range(4)] + [torch.randn(d, 4 * d), torch.randn(4 * d, d)]
+    heads = lambda t: t.view(B, -1, H, D).transpose(1, 2)  # noqa: E731
+
+    def layer(q_in, kv_in):  # attention (queries from q_in) and the feed-forward block
+        attn = naive_attention(heads(q_in @ w[0]), heads(kv_in @ w[1]), heads(kv_in @ w[2]))
+        out = attn.transpose(1, 2).reshape(B, q_in.shape[1], d) @ w[3]
+        return (out @ w[4]) @ w[5]
+
+    def plain_model():  # blocks [2, 2]: the third layer pools its queries
+        x = torch.randn(B, T, d)
+        x = layer(layer(x, x), x)
+        return layer(layer(x[:, :tp], x), x[:, :tp])
+
+    cost = _cost(case)
+    assert OPS["funnel-model"].out_len(case) == tp == 51
+    assert cost.fwd_flops == _count(plain_model)
+    assert cost.bwd_flops > 2 * cost.fwd_flops
+
+
+def test_varlen_cost_counts_each_sequence_and_no_padding():
+    case = dataclasses.replace(CASE, op="varlen", batch=3, seqlen_q=40, seqlen_k=40, causal=True)
+    lengths = [40, 12, 24]  # bench.ops.VARLEN_SHARES of 40
+    assert OPS["varlen"].context(case).lengths == lengths
+    pairs = sum(L * (L + 1) // 2 for L in lengths)
+    assert _cost(case).fwd_flops == 4 * case.heads_q * case.headdim * pairs
+
+
+def test_decode_cost_is_one_row_per_head():
+    case = dataclasses.replace(CASE, op="decode", seqlen_q=1, seqlen_k=300, heads_kv=2)
+    assert _cost(case).fwd_flops == 4 * case.batch * case.heads_q * 300 * case.headdim
+
+
 def test_predict_counts_no_flops_and_top_k():
     case = dataclasses.replace(CASE, op="predict", sparsity=0.75, block=16)
     cost = _cost(case)
@@ -119,5 +155,7 @@ def test_presets_expand_every_op():
     for name, sweep in PRESETS.items():
         cases = expand(sweep, "cpu")
         assert {c.op for c in cases} == set(sweep.ops).union(*(part.ops for part in sweep.parts)), name
-        assert all(c.mode == "fwd" for c in cases if c.op == "predict")
-        assert all(c.gqa == 1 and not c.causal for c in cases if c.op != "attention")
+        assert all(c.mode == "fwd" for c in cases if c.op in ("predict", "decode"))
+        assert all(c.gqa == 1 for c in cases if c.op not in ("attention", "decode"))
+        assert all(not c.causal for c in cases if c.op not in ("attention", "varlen"))
+        assert all(c.seqlen_q == 1 for c in cases if c.op == "decode")

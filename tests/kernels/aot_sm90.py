@@ -28,13 +28,15 @@ from effattn.kernels import block_attn_map as bam  # noqa: E402
 from effattn.kernels import block_sparse_attn as bsa  # noqa: E402
 from effattn.kernels import cluster_blocks as cbk  # noqa: E402
 from effattn.kernels import flash_attn as fa  # noqa: E402
+from effattn.kernels import relpos_attn as ra  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
-FP32_POINTERS = {"LSE", "DELTA", "DLSE", "OUT_MAX", "OUT_SUM"}
-INT32_POINTERS = {"KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM", "Q_IDX", "QSEG", "KSEG", "IDS", "BITS", "QB",
+POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "QR", "R", "TT", "DQR", "DTT"}
+FP32_POINTERS = {"LSE", "DELTA", "DLSE", "OUT_MAX", "OUT_SUM", "DR", "ALIBI", "O_PART", "LSE_PART"}
+INT32_POINTERS = {"QSTART", "QLEN", "KSTART", "KLEN", "QT", "KT", "KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM",
+                  "Q_IDX", "QSEG", "KSEG", "IDS", "BITS", "QB",
                   "KB"}
-FLOAT_ARGS = {"qk_scale", "sm_scale", "drop_scale", "scale"}
+FLOAT_ARGS = {"qk_scale", "sm_scale", "drop_scale", "scale", "softcap2"}
 TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 
 # (name, kernel, dtype, head dim, (BLOCK_M, BLOCK_N, warps, stages), mask dtype or None, other constexprs)
@@ -48,6 +50,16 @@ VARIANTS = [
     ("dkdv fp16 D128 window dropout", "bwd_kv", "fp16", 128, fa.BWD_KV_CONFIGS[128][0], None,
      dict(HAS_WINDOW_LEFT=True, HAS_WINDOW_RIGHT=True, HAS_DROPOUT=True)),
     ("dq fp16 D80 bool-mask", "bwd_q", "fp16", 80, fa.BWD_Q_CONFIGS[128][0], "u8", dict(MASK_KIND=fa.MASK_BOOL)),
+    ("fwd bf16 D128 causal softcap alibi", "fwd", "bf16", 128, fa.FWD_CONFIGS[128][0], None,
+     dict(HAS_WINDOW_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True)),
+    ("dkdv fp16 D64 softcap alibi", "bwd_kv", "fp16", 64, fa.BWD_KV_CONFIGS[64][0], None,
+     dict(HAS_SOFTCAP=True, HAS_ALIBI=True)),
+    ("split-KV decode fp16 D128 16 rows causal softcap", "decode", "fp16", 128,
+     (16, fa.DECODE_TILE[128][0], *fa.DECODE_TILE[128][1:]), None, dict(HAS_WINDOW_RIGHT=True, HAS_SOFTCAP=True)),
+    ("fwd bf16 D64 varlen causal", "fwd", "bf16", 64, fa.FWD_CONFIGS[64][0], None,
+     dict(VARLEN=True, HAS_WINDOW_RIGHT=True)),
+    ("dq fp16 D128 varlen window", "bwd_q", "fp16", 128, fa.BWD_Q_CONFIGS[128][0], None,
+     dict(VARLEN=True, HAS_WINDOW_LEFT=True, HAS_WINDOW_RIGHT=True)),
     ("fwd bf16 D64 pool-mean cls causal", "fwd", "bf16", 64, fa.FWD_CONFIGS[64][0], None,
      dict(POOL=2, POOL_CLS=True, HAS_WINDOW_RIGHT=True)),
     ("dkdv fp16 D128 pool-max causal", "bwd_kv", "fp16", 128, fa.BWD_KV_CONFIGS[128][0], None,
@@ -64,10 +76,13 @@ VARIANTS = [
     ("dq fp16 Dqk837 Dv64", "bwd_q", "fp16", 64, fa.BWD_Q_CONFIGS[1024][0], None,
      dict(HEAD_DIM_QK=837, BLOCK_DQK=1024)),
 ]
-KERNELS = {"fwd": fa._flash_fwd_kernel, "bwd_kv": fa._flash_bwd_dkdv_kernel, "bwd_q": fa._flash_bwd_dq_kernel,
+KERNELS = {"fwd": fa._flash_fwd_kernel, "decode": fa._flash_decode_kernel, "bwd_kv": fa._flash_bwd_dkdv_kernel,
+           "bwd_q": fa._flash_bwd_dq_kernel,
            "sparse_fwd": bsa._sparse_fwd_kernel, "sparse_bwd_kv": bsa._sparse_bwd_dkdv_kernel,
            "sparse_bwd_q": bsa._sparse_bwd_dq_kernel, "attn_map": bam._block_attn_map_kernel,
-           "cluster_bitsets": cbk._cluster_bitset_kernel, "cluster_pairs": cbk._cluster_pairs_kernel}
+           "cluster_bitsets": cbk._cluster_bitset_kernel, "cluster_pairs": cbk._cluster_pairs_kernel,
+           "relpos_fwd": ra._relpos_fwd_kernel, "relpos_bwd_kv": ra._relpos_bwd_dkdv_kernel,
+           "relpos_bwd_q": ra._relpos_bwd_dq_kernel, "relpos_bwd_dr": ra._relpos_bwd_dr_kernel}
 # block-sparse: tiles are the mask's blocks; (BLOCK_M, BLOCK_N, warps, stages) as the launcher uses them
 SPARSE_TILE = (64, 64, bsa.NUM_WARPS, bsa.NUM_STAGES)
 SPARSE_RULE = dict(HAS_WINDOW_LEFT=True, HAS_WINDOW_RIGHT=True, HAS_SEGMENTS=True, HAS_GLOBAL=True, HAS_KPM=True)
@@ -85,6 +100,12 @@ VARIANTS += [("cluster bitsets block 128 32 words", "cluster_bitsets", "fp32", 0
               dict(BLOCK=1024, TOKEN_TILE=cbk.MAX_TOKEN_TILE, WORD_TILE=1, WORD_BITS=cbk.WORD_BITS)),
              ("cluster block pairs", "cluster_pairs", "fp32", 0, (cbk.TILE_M, cbk.TILE_N, cbk.PAIR_NUM_WARPS, 1),
               None, dict(TILE_M=cbk.TILE_M, TILE_N=cbk.TILE_N))]
+# Funnel's relative-position band kernels at their first tile of the D=64 class (Funnel-base), stride 2, with
+# token types and padding; the forward with dropout (the tile and band sizes as the launcher derives them)
+RELPOS_FLAGS = dict(REL_STRIDE=2, SEPARATE_CLS=True, HAS_TT=True, HAS_KPM=True)
+VARIANTS += [(f"relpos {kind} fp16 D64 stride 2 types kpm" + (" dropout" if kind == "fwd" else ""), f"relpos_{kind}",
+              "fp16", 64, ra.CONFIGS[kind][64][0], None, dict(RELPOS_FLAGS, HAS_DROPOUT=kind == "fwd"))
+             for kind in ("fwd", "bwd_kv", "bwd_q", "bwd_dr")]
 # The widest tiles, whose compiles take minutes: with EFFATTN_FULL_GRIDS=1 only (as the interpreter's full grids)
 if os.environ.get("EFFATTN_FULL_GRIDS", "") not in ("", "0"):
     VARIANTS += [
@@ -92,7 +113,8 @@ if os.environ.get("EFFATTN_FULL_GRIDS", "") not in ("", "0"):
         ("dkdv bf16 D256 causal", "bwd_kv", "bf16", 256, fa.BWD_KV_CONFIGS[256][0], None,
          dict(HAS_WINDOW_RIGHT=True)),
     ]
-SPARSE_DROPS = ("MASK_KIND", "MASK_ROW_BCAST", "HAS_DROPOUT", "POOL", "POOL_MAX", "POOL_CLS")
+SPARSE_DROPS = ("MASK_KIND", "MASK_ROW_BCAST", "HAS_DROPOUT", "POOL", "POOL_MAX", "POOL_CLS", "HAS_SOFTCAP",
+                "HAS_ALIBI", "VARLEN")
 
 
 def _signature(jit, dtype, mask_dtype, constexprs):
@@ -138,13 +160,28 @@ def compile_variant(variant) -> dict:
     constexprs = dict(HEAD_DIM_QK=head_dim, HEAD_DIM_V=head_dim, BLOCK_DQK=fa._block_d(head_dim),
                       BLOCK_DV=fa._block_d(head_dim), HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=False,
                       MASK_KIND=fa.MASK_NONE, MASK_ROW_BCAST=False, HAS_DROPOUT=False, UPCAST_DOT=False,
-                      DOT_PRECISION="tf32", POOL=1, POOL_MAX=False, POOL_CLS=False, BLOCK_M=bm, BLOCK_N=bn)
+                      DOT_PRECISION="tf32", POOL=1, POOL_MAX=False, POOL_CLS=False, HAS_SOFTCAP=False, HAS_ALIBI=False,
+                      VARLEN=False, BLOCK_M=bm, BLOCK_N=bn)
     constexprs.update(extra)
     if kind == "attn_map":
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=fa._block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn, UPCAST_DOT=False,
                           DOT_PRECISION="tf32", **extra)
     if kind.startswith("cluster"):
         constexprs = dict(extra)
+    if kind == "decode":
+        constexprs = {n: constexprs[n] for n in ("HEAD_DIM_QK", "HEAD_DIM_V", "BLOCK_DQK", "BLOCK_DV",
+                                                 "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
+                                                 "UPCAST_DOT", "DOT_PRECISION", "BLOCK_M", "BLOCK_N")}
+    if kind.startswith("relpos"):
+        constexprs = dict(HEAD_DIM_QK=head_dim, HEAD_DIM_V=head_dim, BLOCK_DQK=fa._block_d(head_dim),
+                          BLOCK_DV=fa._block_d(head_dim), UPCAST_DOT=False, DOT_PRECISION="tf32", **extra)
+        stride = extra["REL_STRIDE"]
+        if kind == "relpos_bwd_dr":  # (BLOCK_T, BLOCK_M): rows lowered to the stride, the key band padded
+            rows = ra._row_block(bn, bm, stride)
+            constexprs.update(BLOCK_T=bm, BLOCK_M=rows, BLOCK_KW=ra.band_width(rows, bm, stride))
+        else:
+            rows = ra._row_block(bm, bn, stride)
+            constexprs.update(BLOCK_M=rows, BLOCK_N=bn, BLOCK_W=ra.band_width(rows, bn, stride))
     if kind.startswith("sparse"):
         constexprs = {k: v for k, v in constexprs.items() if k not in SPARSE_DROPS}
         constexprs = {"HAS_SEGMENTS": False, "HAS_GLOBAL": False, **constexprs}
