@@ -76,6 +76,7 @@ setup(
                  "ninja"],
         "ext": ["pybind11>=2.12", "ninja"],
         "funnel": ["transformers>=4.40"],
+        "transformers": ["transformers>=5.24"],  # effattn.integrations.transformers (the attention interface)
         "bench": ["matplotlib", "pytest-benchmark"],
         "lint": ["ruff"],
     },

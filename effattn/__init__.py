@@ -54,6 +54,7 @@ from effattn.flash import flash_attention, scaled_dot_product_attention  # noqa:
 from effattn.pooled import QueryPool, pool_key_padding_mask, pooled_attention, pooled_positions  # noqa: E402
 from effattn.relpos import relpos_attention  # noqa: E402
 from effattn.sparse import sparse_attention  # noqa: E402
+from effattn.varlen import varlen_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -72,4 +73,5 @@ __all__ = [
     "scaled_dot_product_attention",
     "select_backend",
     "sparse_attention",
+    "varlen_attention",
 ]
