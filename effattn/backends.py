@@ -322,10 +322,15 @@ class _ExtensionBackend(Backend):
         from effattn import cuda_ops
         return cuda_ops
 
-    def forward(self, q, k, v, mask, **kw):
+    def forward(self, q, k, v, mask, *, varlen=None, **kw):
+        if varlen is not None:  # one launch of the dense kernels per sequence (CppBackend only: CUDA declines)
+            return reference.varlen_forward(q, k, v, varlen, forward=self._ops.attn_forward, **kw)
         return self._ops.attn_forward(q, k, v, mask, **kw)
 
-    def backward(self, dout, q, k, v, out, lse, mask, dlse, **kw):
+    def backward(self, dout, q, k, v, out, lse, mask, dlse, *, varlen=None, **kw):
+        if varlen is not None:
+            return reference.varlen_backward(dout, q, k, v, out, lse, dlse, varlen, backward=self._ops.attn_backward,
+                                             **kw)
         return self._ops.attn_backward(dout, q, k, v, out, lse, mask, dlse, **kw)
 
     def sparse_forward(self, q, k, v, block_mask, key_padding_mask, *, scale):
@@ -400,8 +405,6 @@ class CppBackend(_ExtensionBackend):
         if call.dropout and max(call.Tq, call.Tk) > limits.DROPOUT_MAX_LEN:
             reasons.append("dropout needs sequence lengths below 2**32 (32-bit Philox counters)")
         reasons += _score_mod_reasons(call, "the C++ CPU kernels", softcap=True, alibi=True)
-        if call.varlen:
-            reasons.append("varlen is not implemented in the C++ CPU kernels (the reference runs it)")
         if call.dtype == torch.float64 and not forced:
             # a scalar, single-threaded path (kept for the twin's tests): float64 goes to the reference
             reasons.append("float64 runs the reference unless backend='cpp' is named")

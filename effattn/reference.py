@@ -471,32 +471,40 @@ class Varlen:
 
 
 def varlen_forward(q, k, v, varlen: Varlen, *, scale, window_left=-1, window_right=-1, dropout_p=0.0, seed=0,
-                   softcap=0.0, alibi_slopes=None):
+                   softcap=0.0, alibi_slopes=None, forward=None):
     """Varlen attention (:class:`Varlen`): ``out (1, Hq, total_q, Dv)`` (a view of ``(total_q, Hq, Dv)``) and
-    ``lse (1, Hq, total_q)``, one :func:`attention_forward` per sequence."""
+    ``lse (1, Hq, total_q)``, one ``forward`` per sequence that has queries and keys (default
+    :func:`attention_forward`; a backend passes its own dense forward of the same signature)."""
+    forward = forward or attention_forward
     Hq, total_q = q.shape[1], q.shape[2]
     out = torch.zeros(total_q, Hq, v.shape[3], dtype=q.dtype, device=q.device).permute(1, 0, 2).unsqueeze(0)
     lse = torch.full((1, Hq, total_q), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
     cached = k.shape[0] > 1
     for s, rows, keys in varlen.sequences():
         e = slice(s, s + 1) if cached else slice(0, 1)
+        if rows.stop == rows.start or keys.stop == keys.start:  # no rows, or rows that see nothing: 0, -inf
+            continue
         offset = (keys.stop - keys.start) - (rows.stop - rows.start)  # bottom-right, per sequence
-        o, l = attention_forward(q[:, :, rows], k[e, :, keys], v[e, :, keys], scale=scale, window_left=window_left,
-                                 window_right=window_right, diag_offset=offset, dropout_p=dropout_p, seed=seed + s,
-                                 softcap=softcap, alibi_slopes=None if alibi_slopes is None else alibi_slopes[s:s + 1])
+        o, l = forward(q[:, :, rows], k[e, :, keys], v[e, :, keys], None, scale=scale, window_left=window_left,
+                       window_right=window_right, diag_offset=offset, dropout_p=dropout_p, seed=seed + s,
+                       softcap=softcap, alibi_slopes=None if alibi_slopes is None else alibi_slopes[s:s + 1])
         out[:, :, rows], lse[:, :, rows] = o, l
     return out, lse
 
 
 def varlen_backward(dout, q, k, v, out, lse, dlse, varlen: Varlen, *, scale, window_left=-1, window_right=-1,
-                    dropout_p=0.0, seed=0, softcap=0.0, alibi_slopes=None):
-    """Gradients ``dq, dk, dv`` of :func:`varlen_forward` (like q, k, v; cache slots past a sequence's keys 0)."""
+                    dropout_p=0.0, seed=0, softcap=0.0, alibi_slopes=None, backward=None):
+    """Gradients ``dq, dk, dv`` of :func:`varlen_forward` (like q, k, v; cache slots past a sequence's keys 0),
+    one ``backward`` per sequence (default :func:`attention_backward`)."""
+    backward = backward or attention_backward
     dq, dk, dv = (torch.zeros(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=x.dtype,
                               device=x.device).permute(0, 2, 1, 3) for x in (q, k, v))
     cached = k.shape[0] > 1
     for s, rows, keys in varlen.sequences():
         e = slice(s, s + 1) if cached else slice(0, 1)
-        g = attention_backward(dout[:, :, rows], q[:, :, rows], k[e, :, keys], v[e, :, keys], out[:, :, rows],
+        if rows.stop == rows.start or keys.stop == keys.start:
+            continue
+        g = backward(dout[:, :, rows], q[:, :, rows], k[e, :, keys], v[e, :, keys], out[:, :, rows],
                                lse[:, :, rows], None, None if dlse is None else dlse[:, :, rows], scale=scale,
                                window_left=window_left, window_right=window_right,
                                diag_offset=keys.stop - keys.start - (rows.stop - rows.start), dropout_p=dropout_p,
