@@ -100,7 +100,7 @@ PYBIND11_MODULE(_C, m) {
       EA_FIELD(q) EA_FIELD(k) EA_FIELD(v) EA_FIELD(o) EA_FIELD(sq) EA_FIELD(sk) EA_FIELD(sv) EA_FIELD(so)
       EA_FIELD(lse) EA_FIELD(mask) EA_FIELD(smask) EA_FIELD(mask_kind) EA_FIELD(mask_dtype)
       EA_FIELD(dout) EA_FIELD(dq) EA_FIELD(dk) EA_FIELD(dv) EA_FIELD(sdo) EA_FIELD(sdq) EA_FIELD(sdk)
-      EA_FIELD(sdv) EA_FIELD(delta) EA_FIELD(dlse)
+      EA_FIELD(sdv) EA_FIELD(delta) EA_FIELD(dlse) EA_FIELD(stat_sh)
       EA_FIELD(B) EA_FIELD(Hq) EA_FIELD(Hkv) EA_FIELD(Tq) EA_FIELD(Tk) EA_FIELD(T_in) EA_FIELD(T_src)
       EA_FIELD(Dqk) EA_FIELD(Dv) EA_FIELD(dtype) EA_FIELD(scale) EA_FIELD(softcap) EA_FIELD(alibi) EA_FIELD(alibi_sb)
       EA_FIELD(window_left) EA_FIELD(window_right) EA_FIELD(diag_offset)
@@ -109,6 +109,7 @@ PYBIND11_MODULE(_C, m) {
       EA_FIELD(q_partial) EA_FIELD(q_full) EA_FIELD(rule_window_left) EA_FIELD(rule_window_right)
       EA_FIELD(rule_diag_offset) EA_FIELD(rule_n_global) EA_FIELD(q_seg) EA_FIELD(kv_seg)
       EA_FIELD(q_seg_sb) EA_FIELD(q_seg_st) EA_FIELD(kv_seg_sb) EA_FIELD(kv_seg_st)
+      EA_FIELD(vl_q_start) EA_FIELD(vl_q_len) EA_FIELD(vl_k_start) EA_FIELD(vl_k_len) EA_FIELD(vl_cached)
       EA_FIELD(dropout_p) EA_FIELD(seed)
       EA_FIELD(stream) EA_FIELD(device) EA_FIELD(tile_m) EA_FIELD(tile_n) EA_FIELD(num_threads);
 #undef EA_FIELD

@@ -46,7 +46,8 @@ CUDA_SOURCES = ("cuda/launch.cu", "cuda/flash_fwd_hdim64.cu", "cuda/flash_fwd_hd
                 "cuda/flash_bwd_hdim64.cu", "cuda/flash_bwd_hdim128.cu")
 HEADERS = ("common/params.h", "common/attn_rules.h", "common/check.h", "common/philox.h", "cpu/attn_cpu.h",
            "cpu/attn_tiled.h", "cpu/relpos_tiled.h", "cpu/host_types.h", "cpu/simd.h", "cpu/simd_kernels.inc",
-           "cpu/thread_pool.h", "cuda/launch.h", "cuda/flash_kernels.cuh", "cuda/mma.cuh", "cuda/cuda_check.cuh")
+           "cpu/thread_pool.h", "cpu/varlen.h",
+           "cuda/launch.h", "cuda/flash_kernels.cuh", "cuda/mma.cuh", "cuda/cuda_check.cuh")
 WARNING_FLAGS = ("-Wall", "-Wextra")
 
 

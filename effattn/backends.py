@@ -323,14 +323,18 @@ class _ExtensionBackend(Backend):
         return cuda_ops
 
     def forward(self, q, k, v, mask, *, varlen=None, **kw):
-        if varlen is not None:  # one launch of the dense kernels per sequence (CppBackend only: CUDA declines)
-            return reference.varlen_forward(q, k, v, varlen, forward=self._ops.attn_forward, **kw)
+        if varlen is not None:  # CppBackend only (CUDA declines): one launch; float64 one dense launch per sequence
+            if q.dtype == torch.float64:
+                return reference.varlen_forward(q, k, v, varlen, forward=self._ops.attn_forward, **kw)
+            return self._ops.varlen_forward(q, k, v, varlen, **kw)
         return self._ops.attn_forward(q, k, v, mask, **kw)
 
     def backward(self, dout, q, k, v, out, lse, mask, dlse, *, varlen=None, **kw):
         if varlen is not None:
-            return reference.varlen_backward(dout, q, k, v, out, lse, dlse, varlen, backward=self._ops.attn_backward,
-                                             **kw)
+            if q.dtype == torch.float64:
+                return reference.varlen_backward(dout, q, k, v, out, lse, dlse, varlen,
+                                                 backward=self._ops.attn_backward, **kw)
+            return self._ops.varlen_backward(dout, q, k, v, out, lse, dlse, varlen, **kw)
         return self._ops.attn_backward(dout, q, k, v, out, lse, mask, dlse, **kw)
 
     def sparse_forward(self, q, k, v, block_mask, key_padding_mask, *, scale):

@@ -251,9 +251,14 @@ def _backward(ext, kind, p, dout, q, k, v, out, lse, dlse, pool, keep):
         return dq.zero_(), dk.zero_(), dv.zero_()
     if pool is not None:
         dq[:, :, pool.covered_rows(q.shape[2]):].zero_()
-    lse = lse.to(cdt).contiguous()
-    dlse = dlse.to(cdt).contiguous() if dlse is not None else None
-    delta = _alloc(*rows, dtype=cdt, device=q.device)
+    _launch_backward(ext, kind, p, keep, out, lse, dout, dlse, _alloc(*rows, dtype=cdt, device=q.device), dq, dk, dv)
+    return dq, dk, dv
+
+
+def _launch_backward(ext, kind, p, keep, out, lse, dout, dlse, delta, dq, dk, dv) -> None:
+    """Point ``p`` at the backward's tensors (lse and dlse as contiguous copies in delta's dtype) and launch."""
+    lse = lse.to(delta.dtype).contiguous()
+    dlse = dlse.to(delta.dtype).contiguous() if dlse is not None else None
     keep += [lse, dlse, delta]
     p.o, p.so, p.lse = out.data_ptr(), _strides(ext, out), lse.data_ptr()
     p.dout, p.sdo = dout.data_ptr(), _strides(ext, dout)
@@ -262,6 +267,82 @@ def _backward(ext, kind, p, dout, q, k, v, out, lse, dlse, pool, keep):
     p.dq, p.dk, p.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
     p.sdq, p.sdk, p.sdv = _strides(ext, dq), _strides(ext, dk), _strides(ext, dv)
     _run(ext, kind, "backward", p)
+
+
+# ----------------------------------------------------------------------------------------------
+# varlen (C++ CPU implementation): every sequence's tasks in one launch
+# ----------------------------------------------------------------------------------------------
+def _varlen_params(q, k, v, varlen, scale, window_left, window_right, dropout_p, seed, softcap, alibi_slopes):
+    """q ``(1, Hq, total_q, D)``; k, v packed ``(1, Hkv, total_k, D)`` or caches ``(S, Hkv, Tc, D)``
+    (:class:`effattn.reference.Varlen`)."""
+    if _device_kind(q) != "cpu" or q.dtype == torch.float64:
+        _fail("varlen launches run on the C++ CPU kernels (float32, float16, bfloat16)")
+    S = varlen.num_seqs
+    cached = k.shape[0] > 1
+    if q.dim() != 4 or q.shape[0] != 1 or k.dim() != 4 or k.shape[0] != (S if cached else 1):
+        _fail(f"varlen: q must be (1, Hq, total_q, D) and k (1, ...) or ({S}, ...), got q {tuple(q.shape)}, "
+              f"k {tuple(k.shape)}")
+    lens = [varlen.q_start, varlen.q_len, varlen.k_start, varlen.k_len]
+    for name, x in zip(("q_start", "q_len", "k_start", "k_len"), lens):
+        _check_tensor(name, x, device=q.device, dtype=torch.int32, shape=(S,))
+    lens = [x.contiguous() for x in lens]
+    kb = k.expand(1, *k.shape[1:]) if not cached else k[:1]  # shape checks only: the batch is per sequence
+    vb = v.expand(1, *v.shape[1:]) if not cached else v[:1]
+    ext, kind, p, keep = _dense_params(q, kb, vb, None, scale, window_left, window_right, 0, dropout_p, seed, None)
+    p.k, p.v, p.sk, p.sv = k.data_ptr(), v.data_ptr(), _strides(ext, k), _strides(ext, v)
+    p.B, p.stat_sh = S, p.Tq
+    _set_score_mods(p, kind, softcap, alibi_slopes, q, keep)
+    p.vl_q_start, p.vl_q_len, p.vl_k_start, p.vl_k_len = (x.data_ptr() for x in lens)
+    p.vl_cached = int(cached)
+    keep += lens
+    return ext, kind, p, keep
+
+
+def varlen_forward(q, k, v, varlen, *, scale: float, window_left: int = -1, window_right: int = -1,
+                   dropout_p: float = 0.0, seed: int = 0, softcap: float = 0.0, alibi_slopes=None):
+    """:func:`effattn.reference.varlen_forward` in one launch: ``out (1, Hq, total_q, Dv)`` (a view of
+    ``(total_q, Hq, Dv)``), ``lse (1, Hq, total_q)``; rows of sequences without keys get 0 and -inf."""
+    ext, kind, p, keep = _varlen_params(q, k, v, varlen, scale, window_left, window_right, dropout_p, seed, softcap,
+                                        alibi_slopes)
+    Hq, total_q = q.shape[1], q.shape[2]
+    out = _alloc(total_q, Hq, v.shape[3], dtype=q.dtype).permute(1, 0, 2).unsqueeze(0)
+    lse = _alloc(1, Hq, total_q, dtype=torch.float32)
+    idle = _rows_without_keys(varlen, total_q)
+    out[:, :, idle], lse[:, :, idle] = 0.0, float("-inf")
+    if out.numel() == 0:
+        return out, lse
+    p.o, p.so, p.lse = out.data_ptr(), _strides(ext, out), lse.data_ptr()
+    _run(ext, kind, "forward", p)
+    return out, lse
+
+
+def _rows_without_keys(varlen, total_q: int) -> torch.Tensor:
+    """The packed rows the kernels do not write: outside every sequence, or of a sequence without keys."""
+    idle = torch.ones(total_q, dtype=torch.bool)
+    for _, rows, keys in varlen.sequences():
+        if keys.stop > keys.start:
+            idle[rows] = False
+    return idle
+
+
+def varlen_backward(dout, q, k, v, out, lse, dlse, varlen, *, scale: float, window_left: int = -1,
+                    window_right: int = -1, dropout_p: float = 0.0, seed: int = 0, softcap: float = 0.0,
+                    alibi_slopes=None):
+    """Gradients ``dq, dk, dv`` (like q, k, v) of :func:`varlen_forward` in one launch; rows and cache slots
+    outside every sequence get 0."""
+    ext, kind, p, keep = _varlen_params(q, k, v, varlen, scale, window_left, window_right, dropout_p, seed, softcap,
+                                        alibi_slopes)
+    Hq, total_q, Dv = q.shape[1], q.shape[2], v.shape[3]
+    for name, x, shape in (("dout", dout, (1, Hq, total_q, Dv)), ("out", out, (1, Hq, total_q, Dv)),
+                           ("lse", lse, (1, Hq, total_q)), ("dlse", dlse, (1, Hq, total_q))):
+        if x is not None:
+            _check_tensor(name, x, device=q.device, shape=shape)
+    dq = _alloc(total_q, Hq, q.shape[3], dtype=q.dtype).permute(1, 0, 2).unsqueeze(0)
+    dq[:, :, _rows_without_keys(varlen, total_q)] = 0.0
+    dk, dv = (torch.zeros(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=x.dtype).permute(0, 2, 1, 3)
+              for x in (k, v))  # slots no sequence uses keep 0
+    if total_q and k.shape[2]:
+        _launch_backward(ext, kind, p, keep, out, lse, dout, dlse, torch.empty(1, Hq, total_q), dq, dk, dv)
     return dq, dk, dv
 
 

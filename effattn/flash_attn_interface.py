@@ -53,13 +53,15 @@ What differs from flash-attn:
   it is differentiable.
 * Outputs are contiguous, as flash-attn's (``out.view(B, T, H * D)`` works); for the dense functions this
   costs one copy of the output, from effattn's ``(B, H, Tq, Dv)`` memory order.
-* ``num_splits`` of :func:`flash_attn_with_kvcache` is ignored: split-KV decoding kernels are not written
-  yet; the varlen kernels run one program per (query block, head, sequence).
-* Not supported, each raising ``NotImplementedError`` naming the argument: paged KV caches (``block_table``,
-  of :func:`flash_attn_varlen_func` and :func:`flash_attn_with_kvcache`), rotary embeddings (``rotary_cos``,
-  ``rotary_sin``; ``rotary_interleaved`` is then moot and ignored) and ``cache_leftpad``.
+* ``num_splits`` of :func:`flash_attn_with_kvcache` is ignored: the kernels choose their own split of the
+  keys (split-KV decoding in the Triton and C++ CPU kernels).
+* Not supported, each raising ``NotImplementedError`` naming the argument: paged keys in
+  :func:`flash_attn_varlen_func` (``block_table``), rotary embeddings (``rotary_cos``, ``rotary_sin``;
+  ``rotary_interleaved`` is then moot and ignored) and ``cache_leftpad``.
 * :func:`flash_attn_with_kvcache` gathers ``k_cache[cache_batch_idx]`` (a copy of the rows used) when
-  ``cache_batch_idx`` is given; it stays differentiable (flash-attn's has no backward).
+  ``cache_batch_idx`` is given, and the pages of ``block_table`` (a paged cache, any page size) into one
+  cache per sequence (a copy of the pages used: the kernels do not read pages in place); it stays
+  differentiable (flash-attn's has no backward).
 * dtypes: float16 and bfloat16 as flash-attn, and float32 too (float64 on the reference backend). ``v``
   may have a head dim different from ``q``/``k``'s.
 * Backends are chosen automatically: CUDA tensors run the Triton kernels, CPU tensors the C++ kernels
@@ -135,7 +137,8 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
 
 
 _UNSUPPORTED = {
-    "block_table": "paged KV caches are not implemented (use contiguous caches (B, Tc, Hkv, D))",
+    "block_table": "paged keys of flash_attn_varlen_func are not implemented (pass packed k, v; "
+                   "flash_attn_with_kvcache takes a block_table)",
     "rotary_cos": "rotary embeddings are not applied here (rotate q and k before the call)",
     "rotary_sin": "rotary embeddings are not applied here (rotate q and k before the call)",
     "cache_leftpad": "left-padded caches are not implemented (keep each sequence's keys from slot 0)",
@@ -218,7 +221,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             ``total_q`` / ``total_k``, non-decreasing (a sequence may be empty). Sequence ``s`` is queries
             ``cu_seqlens_q[s] : cu_seqlens_q[s + 1]`` against keys ``cu_seqlens_k[s] : cu_seqlens_k[s + 1]``.
         max_seqlen_q, max_seqlen_k: the longest query / key sequence (ints; checked to be >= the longest).
-        block_table: paged KV caches are not supported: must be None.
+        block_table: paged keys are not supported here: must be None (:func:`flash_attn_with_kvcache` takes one).
 
     The other arguments are those of :func:`flash_attn_func`, per sequence: causal masks and windows are
     aligned bottom-right within each sequence (``Tq``, ``Tk`` its own lengths), ``alibi_slopes`` is ``(H,)``
@@ -280,6 +283,25 @@ def _int32_per_sequence(name: str, x, B: int, device) -> torch.Tensor:
     return x.cpu()
 
 
+def _block_table(block_table, B: int, num_blocks: int, device, cache_batch_idx) -> torch.Tensor:
+    """The page table of a paged cache, checked: int32 ``(B, max_blocks)`` on ``device``, entries in
+    ``[0, num_blocks)``; returned as int64 indices."""
+    if cache_batch_idx is not None:
+        raise ValueError("cache_batch_idx and block_table cannot be combined: the block table already chooses each "
+                         "sequence's pages")
+    _validate.check_tensor("block_table", block_table, 2, "(B, max_blocks)")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32 (as flash-attn's), got {block_table.dtype}")
+    if block_table.shape[0] != B or block_table.shape[1] < 1:
+        raise ValueError(f"block_table must have shape (B, max_blocks) = ({B}, >= 1), got {tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table must be on {device}, got {block_table.device}")
+    host = block_table.cpu()
+    if bool(((host < 0) | (host >= num_blocks)).any()):
+        raise ValueError(f"block_table entries must lie in [0, num_blocks = {num_blocks}), got {host.tolist()}")
+    return block_table.long()
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                             cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
                             causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
@@ -287,28 +309,33 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """flash-attn's ``flash_attn_with_kvcache``: attention of new queries against KV caches, appending the
     new keys and values to the caches in place first (incremental decoding).
 
-    Sequence ``b`` uses cache row ``r = cache_batch_idx[b]`` (``b`` without it). When ``k`` and ``v`` are
-    given, they are written into ``k_cache[r]`` / ``v_cache[r]`` at slots ``cache_seqlens[b] ... cache_seqlens[b]
-    + Tnew - 1`` (before anything else runs; if ``cache_batch_idx`` repeats a row, which write lands is
-    unspecified); the queries then attend to the first ``cache_seqlens[b] + Tnew`` slots, causal masks and
-    windows aligned bottom-right (query ``i`` sits at key position ``cache_seqlens[b] + Tnew - Tq + i``).
+    Sequence ``b`` uses cache row ``r = cache_batch_idx[b]`` (``b`` without it), or with ``block_table`` (a
+    paged cache) the pages ``block_table[b]``, its slot ``j`` at ``(block_table[b, j // page], j % page)``.
+    When ``k`` and ``v`` are given, they are written into ``k_cache[r]`` / ``v_cache[r]`` (or those slots of
+    the pages) at slots ``cache_seqlens[b] ... cache_seqlens[b] + Tnew - 1`` (before anything else runs; if
+    ``cache_batch_idx`` repeats a row, which write lands is unspecified); the queries then attend to the
+    first ``cache_seqlens[b] + Tnew`` slots, causal masks and windows aligned bottom-right (query ``i`` sits at
+    key position ``cache_seqlens[b] + Tnew - Tq + i``).
     Runs :func:`effattn.varlen_attention` on ``q.reshape(B * Tq, H, D)`` and the caches (gathered by
-    ``cache_batch_idx`` when given: a copy of those rows) with ``seqused_k = cache_seqlens + Tnew``.
+    ``cache_batch_idx`` or ``block_table`` when given: a copy of those rows or pages; the kernels do not read pages
+    in place) with ``seqused_k = cache_seqlens + Tnew``.
     Differentiable (flash-attn's is not).
 
     Args:
         q: ``(B, Tq, H, D)``, ``Tq = 1`` when decoding one token; ``H`` a multiple of ``Hkv`` (MQA/GQA).
-        k_cache, v_cache: ``(B_cache, Tc, Hkv, D)`` / ``(B_cache, Tc, Hkv, Dv)``, q's dtype and device.
+        k_cache, v_cache: ``(B_cache, Tc, Hkv, D)`` / ``(B_cache, Tc, Hkv, Dv)``, q's dtype and device; with
+            ``block_table`` the pages ``(num_blocks, page, Hkv, D)`` / ``(num_blocks, page, Hkv, Dv)``.
         k, v: optional new keys/values ``(B, Tnew, Hkv, D)`` / ``(B, Tnew, Hkv, Dv)``, both or neither; the
             caches must hold them: ``cache_seqlens[b] + Tnew <= Tc``.
-        rotary_cos, rotary_sin, cache_leftpad, block_table: not supported, must be None
-            (``rotary_interleaved`` is then ignored).
+        rotary_cos, rotary_sin, cache_leftpad: not supported, must be None (``rotary_interleaved`` is then
+            ignored).
         cache_seqlens: the keys already in each cache row: an int (all equal) or an int32 ``(B,)`` tensor;
             None (only without ``k``/``v``): the whole cache, ``Tc``.
         cache_batch_idx: optional int32 ``(B,)`` cache rows in ``[0, B_cache)``; without it ``B <= B_cache``
             and sequence ``b`` uses row ``b``.
-        num_splits: accepted and ignored: split-KV decoding kernels are not written yet; the varlen kernels
-            run one program per (query block, head, sequence).
+        block_table: optional int32 ``(B, max_blocks)``, page indices in ``[0, num_blocks)`` (a paged KV cache of
+            ``max_blocks * page`` slots per sequence; any page size); not with ``cache_batch_idx``.
+        num_splits: accepted and ignored: the kernels choose their own split of the keys (split-KV decoding).
         return_softmax_lse: also return ``softmax_lse``.
 
     ``softmax_scale``, ``causal``, ``window_size``, ``softcap`` and ``alibi_slopes`` (``(H,)`` or ``(B, H)``)
@@ -318,7 +345,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         ``out (B, Tq, H, Dv)`` contiguous, or ``(out, softmax_lse (B, H, Tq) float32)`` with
         ``return_softmax_lse``.
     """
-    _unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad, block_table=block_table)
+    _unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad)
     window = _check_options(softmax_scale, window_size, return_softmax_lse=return_softmax_lse)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (it is ignored), got {num_splits!r}")
@@ -333,6 +360,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     B, Tq, H, D = q.shape
     B_cache, Tc, Hkv, Dv = v_cache.shape
     dev = q.device
+    pages = None
+    if block_table is not None:
+        pages = _block_table(block_table, B, B_cache, dev, cache_batch_idx)
+        Tc = pages.shape[1] * v_cache.shape[1]  # the slots of a sequence: its pages, end to end
     if (k is None) != (v is None):
         raise ValueError("k and v (the new keys and values to append) must be given together, or neither")
     t_new = 0
@@ -362,7 +393,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if bool((host_seqlens < 0).any()) or bool((host_seqlens + t_new > Tc).any()):
         raise ValueError(f"cache_seqlens must be >= 0 and leave room for the Tnew = {t_new} appended tokens in the "
                          f"Tc = {Tc} cache slots (cache_seqlens + Tnew <= Tc), got {host_seqlens.tolist()}")
-    if cache_batch_idx is None:
+    if pages is not None:
+        rows = None
+    elif cache_batch_idx is None:
         if B > B_cache:
             raise ValueError(f"k_cache holds {B_cache} sequences, q {B}: pass cache_batch_idx to choose the rows")
         rows = torch.arange(B, device=dev)
@@ -373,9 +406,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         rows = cache_batch_idx.long()
     if k is not None:
         slots = seqlens.long()[:, None] + torch.arange(t_new, device=dev)
-        k_cache[rows[:, None], slots] = k
-        v_cache[rows[:, None], slots] = v
-    keys, values = (k_cache[:B], v_cache[:B]) if cache_batch_idx is None else (k_cache[rows], v_cache[rows])
+        if pages is None:
+            k_cache[rows[:, None], slots] = k
+            v_cache[rows[:, None], slots] = v
+        else:
+            page = k_cache.shape[1]
+            blocks = pages.gather(1, slots // page)
+            k_cache[blocks, slots % page] = k
+            v_cache[blocks, slots % page] = v
+    if pages is not None:
+        keys, values = (c[pages].flatten(1, 2) for c in (k_cache, v_cache))
+    else:
+        keys, values = (k_cache[:B], v_cache[:B]) if cache_batch_idx is None else (k_cache[rows], v_cache[rows])
     result = varlen_attention(q.reshape(B * Tq, H, D), keys, values,
                               torch.arange(B + 1, dtype=torch.int32, device=dev) * Tq, seqused_k=seqlens + t_new,
                               max_seqlen_q=Tq, causal=causal, scale=softmax_scale, window=window, softcap=softcap,

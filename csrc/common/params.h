@@ -41,6 +41,7 @@ struct AttnParams {
   Strides4 sdo, sdq, sdk, sdv;
   int64_t delta = 0;  // (B, Hq, Tq) contiguous, accumulation dtype: rowsum(dO * O) - dlse
   int64_t dlse = 0;   // (B, Hq, Tq) contiguous, like lse; 0 = none
+  int64_t stat_sh = 0;  // head stride of lse, delta and dlse in elements (varlen: total_q); 0 = Tq
   // -- sizes --
   int B = 0, Hq = 0, Hkv = 0;
   int Tq = 0;     // query rows of the attention (the pooled length with pooling)
@@ -68,6 +69,13 @@ struct AttnParams {
   int64_t rule_window_left = -1, rule_window_right = -1, rule_diag_offset = 0, rule_n_global = 0;
   int64_t q_seg = 0, kv_seg = 0;  // int32 segment ids (B, Tq) / (B, Tk); 0 = no segments
   int64_t q_seg_sb = 0, q_seg_st = 0, kv_seg_sb = 0, kv_seg_st = 0;
+  // -- varlen (effattn.varlen_attention; C++ CPU only): B sequences, int32 (B,) arrays; vl_q_len 0 = dense --
+  // Sequence s: rows [q_start, q_start + q_len) of entry 0 of q, o, dout, dq and of lse, delta, dlse
+  // ((1, Hq, Tq), stat_sh = Tq) against keys [k_start, k_start + k_len) of entry s of k, v, dk, dv
+  // (vl_cached: KV caches) or of entry 0 (packed); causal and windows aligned bottom-right per sequence
+  // (diag_offset + k_len - q_len), dropout seeded with seed + s, ALiBi slopes of row s.
+  int64_t vl_q_start = 0, vl_q_len = 0, vl_k_start = 0, vl_k_len = 0;
+  int vl_cached = 0;
   // -- dropout (common/philox.h): on the probabilities, 0 = none; keep bits from the Philox seed --
   double dropout_p = 0.0;
   uint64_t seed = 0;

@@ -21,6 +21,7 @@
 #include "../common/check.h"
 #include "../common/philox.h"
 #include "attn_tiled.h"
+#include "varlen.h"
 #include "host_types.h"
 
 namespace effattn {
@@ -354,6 +355,7 @@ void cpu_forward(const AttnParams& p) {
   check_forward(p);
   check_dropout(p);
   check_score_mods(p);
+  cpu::check_varlen(p);
   if (p.dtype != kFloat64) return cpu::tiled_forward(p);
   require(p.tile_m >= 1 && p.tile_n >= 1, "tile sizes must be >= 1");
   Attention<double, double>(p).forward();
@@ -363,6 +365,7 @@ void cpu_backward(const AttnParams& p) {
   check_backward(p);
   check_dropout(p);
   check_score_mods(p);
+  cpu::check_varlen(p);
   if (p.dtype != kFloat64) return cpu::tiled_backward(p);
   require(p.tile_m >= 1 && p.tile_n >= 1, "tile sizes must be >= 1");
   const Attention<double, double> a(p);

@@ -60,6 +60,7 @@
 #include "host_types.h"
 #include "simd.h"
 #include "thread_pool.h"
+#include "varlen.h"
 
 namespace effattn {
 namespace cpu {
@@ -100,6 +101,10 @@ inline void convert_out(const Kernels& kr, const float* src, int n, BFloat16* ds
 }
 
 constexpr float kLog2eF = static_cast<float>(kLog2e);
+// Decoding (Tiled::decodes): at most this many query rows per head, and at least this many keys per
+// part of a split-KV task.
+constexpr int kDecodeMaxQ = 16;
+constexpr int64_t kDecodeMinKeys = 512;
 
 // Largest divisor of ``block`` that is at most ``cap`` (a tile must not straddle two blocks).
 int tile_within(int block, int cap) {
@@ -176,6 +181,11 @@ struct Tiled {
   }
 
   bool pooled() const { return p.pool_stride != 1 || p.pool_cls; }
+
+  // Offset of the (b, h) row of lse, delta and dlse ((B, Hq, stat_sh), stat_sh = Tq unless set).
+  int64_t stat_at(int b, int h) const {
+    return (static_cast<int64_t>(b) * p.Hq + h) * (p.stat_sh ? p.stat_sh : p.Tq);
+  }
 
   // Rows [r0, r0 + rows) of a (B, H, T, D) tensor at (b, h) into dst (rows x ld, zero-padded to ld).
   void load_rows(int64_t base, const Strides4& s, int b, int h, int64_t r0, int rows, int D, float* dst,
@@ -350,12 +360,17 @@ struct Tiled {
   // longest): ``tile(scratch, b, h, m0)``, the scratch built by ``make()`` once per worker.
   template <class Make, class Tile>
   void per_query_tile(Make make, Tile tile) const {
+    parallel(query_tile_tasks(), make, [&](auto& w, int64_t task) { query_tile_at(task, w, tile); });
+  }
+
+  int64_t query_tile_tasks() const { return static_cast<int64_t>(p.B) * p.Hq * ((p.Tq + BM - 1) / BM); }
+
+  template <class W, class Tile>
+  void query_tile_at(int64_t task, W& w, Tile tile) const {
     const int64_t nqt = (p.Tq + BM - 1) / BM;
-    parallel(static_cast<int64_t>(p.B) * p.Hq * nqt, make, [&](auto& w, int64_t task) {
-      const int64_t qi = nqt - 1 - task % nqt;
-      const int64_t bh = task / nqt;
-      tile(w, static_cast<int>(bh / p.Hq), static_cast<int>(bh % p.Hq), qi * BM);
-    });
+    const int64_t qi = nqt - 1 - task % nqt;
+    const int64_t bh = task / nqt;
+    tile(w, static_cast<int>(bh / p.Hq), static_cast<int>(bh % p.Hq), qi * BM);
   }
 
   // The query tile [m0, m0 + rows) of head h as Q^T * scale * log2 e into qt (Dqk x BMp), via q (BM x Dp).
@@ -405,6 +420,7 @@ struct Tiled {
   }
 
   void forward() const {
+    if (decodes()) return decode();
     per_query_tile([&] { return make_fwd(); },
                    [&](FwdScratch& w, int b, int h, int64_t m0) { forward_tile(w, b, h, m0); });
   }
@@ -435,7 +451,7 @@ struct Tiled {
     });
     // -- epilogue: normalise; an empty row gives out = 0, lse = -inf --
     T* o = mptr<T>(p.o) + b * p.so.b + h * p.so.h;
-    float* lse = mptr<float>(p.lse) + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
+    float* lse = mptr<float>(p.lse) + stat_at(b, h);
     for (int r = 0; r < rows; ++r) {
       float* a = w.acc.data() + static_cast<int64_t>(r) * Dvp;
       kr.scale(a, Dvp, row_scale(w.l[r]));
@@ -445,34 +461,186 @@ struct Tiled {
   }
 
   // ------------------------------------------------------------------------------------------------
+  // decoding: a few query rows against many keys (flash-decoding on the host). A task owns one kv
+  // head and a range of its keys, and stacks the rows of every query head of its GQA group into one
+  // tile (group * Tq rows, padded to kPad, not BM): the cache is read once per kv head, not once per
+  // query head, and no GEMM column is spent on padding rows. With several ranges (split-KV) each part
+  // keeps its normalised rows and their lse, and decode_merge weighs the parts by exp2(lse - max).
+  // ------------------------------------------------------------------------------------------------
+  int decode_rows() const { return group * p.Tq; }
+
+  // Whether the forward runs as decoding: no pooling, block mask, user mask or dropout, at most
+  // kDecodeMaxQ query rows per head, and the group's stacked rows fit the tile.
+  bool decodes() const {
+    return !pooled() && !p.sparse && p.mask_kind == kMaskNone && !dropout && p.Tq <= kDecodeMaxQ &&
+           decode_rows() <= BM;
+  }
+
+  // Floats of one part of a split task: per stacked row its normalised output, then its lse (log2).
+  int64_t decode_part_size() const { return static_cast<int64_t>(decode_rows()) * (p.Dv + 1); }
+
+  // Keys of one part: ``splits`` parts of whole key tiles; ``tasks`` kv-head tasks before splitting
+  // (all sequences of a varlen call) are split until there are about 4 per hardware thread (a
+  // property of the machine, never of num_threads, so the results do not depend on it), each part
+  // holding at least kDecodeMinKeys keys. $EFFATTN_CPU_DECODE_SPLITS forces the number (tests).
+  int64_t decode_chunk(int64_t tasks) const {
+    const char* env = std::getenv("EFFATTN_CPU_DECODE_SPLITS");
+    const int64_t want = (4 * static_cast<int64_t>(resolve_threads(0)) + tasks - 1) / std::max<int64_t>(tasks, 1);
+    const int64_t splits = env ? std::max<int64_t>(1, std::atoll(env))
+                               : std::clamp<int64_t>(want, 1, std::max<int64_t>(1, p.Tk / kDecodeMinKeys));
+    const int64_t tiles = (p.Tk + BN - 1) / BN;
+    return std::max<int64_t>(1, (tiles + splits - 1) / splits) * BN;
+  }
+
+  int64_t decode_splits(int64_t chunk) const { return std::max<int64_t>(1, (p.Tk + chunk - 1) / chunk); }
+
+  // Keys [k_lo, k_hi) of kv head kvh of batch b for the group's stacked rows (row r: head
+  // kvh * group + r / Tq, query row r % Tq). ``part`` null: the rows' out and lse are written; else
+  // the part (decode_part_size floats).
+  void decode_task(FwdScratch& w, int b, int kvh, int64_t k_lo, int64_t k_hi, float* part) const {
+    const int nq = p.Tq, R = decode_rows(), Rp = pad_to(R);
+    for (int g = 0; g < group; ++g)
+      load_rows(p.q, p.sq, b, kvh * group + g, 0, nq, p.Dqk, w.q.data() + static_cast<int64_t>(g) * nq * Dp, Dp);
+    transpose(w.q.data(), Dp, R, p.Dqk, w.qt.data(), Rp, Rp, c2);
+    std::fill(w.m.begin(), w.m.begin() + Rp, neg_inf<float>());
+    std::fill(w.l.begin(), w.l.begin() + Rp, 0.f);
+    std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(R) * Dvp, 0.f);
+    float* St = w.st.data();
+    for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
+      const int cols = static_cast<int>(std::min<int64_t>(BN, k_hi - n0));
+      const TileKind kind = classify(false, 0, nq, n0, cols);
+      if (kind == kTileEmpty) continue;
+      // -- S^T = K Q^T (Rp columns), the score modifiers and the window per stacked row --
+      const View K = rows_view(p.k, p.sk, b, kvh, n0, cols, p.Dqk, false, w.k.data());
+      kr.gemm(cols, Rp, p.Dqk, K.ptr, K.si, K.sk, w.qt.data(), Rp, St, Rp, false);
+      if (cap2 > 0.f)
+        for (int c = 0; c < cols; ++c) kr.softcap(St + static_cast<int64_t>(c) * Rp, Rp, cap2, nullptr);
+      if (alibi || kind == kTileRule)
+        for (int r = 0; r < R; ++r) {
+          const int64_t pos = query_pos(p, r % nq);
+          if (alibi) {
+            const float slope = slope2(b, kvh * group + r / nq);
+            for (int c = 0; c < cols; ++c)
+              St[static_cast<int64_t>(c) * Rp + r] -= slope * static_cast<float>(std::llabs(pos - n0 - c));
+          }
+          if (kind == kTileRule) window_cut(St + r, Rp, n0, cols, pos, p.window_left, p.window_right, 0);
+        }
+      // -- online softmax, O = O * alpha + P V --
+      kr.softmax_t(St, cols, Rp, Rp, w.m.data(), w.l.data(), w.alpha.data());
+      for (int r = 0; r < R; ++r)
+        if (w.alpha[r] != 1.f) kr.scale(w.acc.data() + static_cast<int64_t>(r) * Dvp, Dvp, w.alpha[r]);
+      const View V = rows_view(p.v, p.sv, b, kvh, n0, cols, p.Dv, true, w.v.data());
+      kr.gemm(R, Dvp, cols, St, 1, Rp, V.ptr, V.si, w.acc.data(), Dvp, true);
+    }
+    for (int r = 0; r < R; ++r) {
+      float* a = w.acc.data() + static_cast<int64_t>(r) * Dvp;
+      kr.scale(a, Dvp, row_scale(w.l[r]));
+      const float lse2 = w.l[r] == 0.f ? neg_inf<float>() : w.m[r] + std::log2(w.l[r]);
+      if (part) {
+        float* out = part + static_cast<int64_t>(r) * (p.Dv + 1);
+        std::copy(a, a + p.Dv, out);
+        out[p.Dv] = lse2;
+      } else {
+        store_decoded_row(a, b, kvh * group + r / nq, r % nq, lse2);
+      }
+    }
+  }
+
+  // Row ``row`` of head h (fp32, Dv values) into out, and its lse (natural log) from log2 units.
+  void store_decoded_row(const float* a, int b, int h, int64_t row, float lse2) const {
+    T* o = mptr<T>(p.o) + b * p.so.b + h * p.so.h;
+    convert_out(kr, a, p.Dv, o + row * p.so.t, p.so.d);
+    mptr<float>(p.lse)[stat_at(b, h) + row] = lse2 == neg_inf<float>() ? lse2 : lse2 * static_cast<float>(kLn2);
+  }
+
+  // The stacked rows of kv head kvh of batch b from ``splits`` parts: o = sum_i w_i o_i / sum_i w_i
+  // with w_i = exp2(lse_i - max_i lse_i), lse = max + log2(sum_i w_i); 0 and -inf where no part saw a key.
+  void decode_merge(const float* parts, int64_t splits, int b, int kvh, float* acc) const {
+    const int nq = p.Tq, stride = p.Dv + 1;
+    const int64_t size = decode_part_size();
+    for (int r = 0; r < decode_rows(); ++r) {
+      float top = neg_inf<float>();
+      for (int64_t i = 0; i < splits; ++i) top = std::max(top, parts[i * size + r * stride + p.Dv]);
+      std::fill(acc, acc + p.Dv, 0.f);
+      float sum = 0.f;
+      if (top != neg_inf<float>())
+        for (int64_t i = 0; i < splits; ++i) {
+          const float* part = parts + i * size + r * stride;
+          const float wgt = std::exp2(part[p.Dv] - top);
+          sum += wgt;
+          for (int d = 0; d < p.Dv; ++d) acc[d] += wgt * part[d];
+        }
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      for (int d = 0; d < p.Dv; ++d) acc[d] *= inv;
+      store_decoded_row(acc, b, kvh * group + r / nq, r % nq, sum > 0.f ? top + std::log2(sum) : neg_inf<float>());
+    }
+  }
+
+  // How the keys of a decoding problem are split (decode_chunk), and its tasks: B * Hkv * splits.
+  struct DecodePlan {
+    int64_t chunk, splits;
+  };
+  DecodePlan decode_plan(int64_t tasks) const {
+    const int64_t chunk = decode_chunk(tasks);
+    return {chunk, decode_splits(chunk)};
+  }
+  int64_t decode_tasks(const DecodePlan& d) const { return static_cast<int64_t>(p.B) * p.Hkv * d.splits; }
+
+  // Task t of the plan; ``parts``: decode_tasks(d) parts when d.splits > 1.
+  void decode_at(FwdScratch& w, const DecodePlan& d, int64_t t, float* parts) const {
+    const int64_t bk = t / d.splits, lo = (t % d.splits) * d.chunk;
+    decode_task(w, static_cast<int>(bk / p.Hkv), static_cast<int>(bk % p.Hkv), lo, std::min<int64_t>(p.Tk, lo + d.chunk),
+                d.splits > 1 ? parts + t * decode_part_size() : nullptr);
+  }
+
+  // The merge of (batch, kv head) bk's parts.
+  void decode_merge_at(const DecodePlan& d, int64_t bk, const float* parts, float* acc) const {
+    decode_merge(parts + bk * d.splits * decode_part_size(), d.splits, static_cast<int>(bk / p.Hkv),
+                 static_cast<int>(bk % p.Hkv), acc);
+  }
+
+  void decode() const {
+    const DecodePlan d = decode_plan(static_cast<int64_t>(p.B) * p.Hkv);
+    std::vector<float> parts(d.splits > 1 ? static_cast<size_t>(decode_tasks(d) * decode_part_size()) : 0);
+    parallel(decode_tasks(d), [&] { return make_fwd(); },
+             [&](FwdScratch& w, int64_t t) { decode_at(w, d, t, parts.data()); });
+    if (d.splits > 1)
+      parallel(static_cast<int64_t>(p.B) * p.Hkv, [&] { return buf(1, Dvp); },
+               [&](std::vector<float>& acc, int64_t bk) { decode_merge_at(d, bk, parts.data(), acc.data()); });
+  }
+
+  // ------------------------------------------------------------------------------------------------
   // backward
   // ------------------------------------------------------------------------------------------------
   // delta = rowsum(dO * O) - dlse, per (b, h) in parallel.
   void preprocess() const {
-    const float* dlse = p.dlse ? cptr<float>(p.dlse) : nullptr;
-    float* delta = mptr<float>(p.delta);
     parallel(
         static_cast<int64_t>(p.B) * p.Hq, [&] { return buf(2, Dvp); },
-        [&](std::vector<float>& tmp, int64_t bh) {
-          const int b = static_cast<int>(bh / p.Hq), h = static_cast<int>(bh % p.Hq);
-          const T* o = cptr<T>(p.o) + b * p.so.b + h * p.so.h;
-          const T* dout = cptr<T>(p.dout) + b * p.sdo.b + h * p.sdo.h;
-          float* x = tmp.data();
-          float* y = x + Dvp;
-          for (int64_t i = 0; i < p.Tq; ++i) {
-            convert_in(kr, o + i * p.so.t, p.so.d, p.Dv, x);
-            convert_in(kr, dout + i * p.sdo.t, p.sdo.d, p.Dv, y);
-            float s = 0.f;
-            for (int d = 0; d < p.Dv; ++d) s += x[d] * y[d];
-            const int64_t at = bh * p.Tq + i;
-            delta[at] = s - (dlse ? dlse[at] : 0.f);
-          }
-        });
+        [&](std::vector<float>& tmp, int64_t bh) { preprocess_at(bh, tmp.data()); });
+  }
+
+  // delta of the rows of (batch, head) bh; ``tmp``: 2 * Dvp floats.
+  void preprocess_at(int64_t bh, float* tmp) const {
+    const float* dlse = p.dlse ? cptr<float>(p.dlse) : nullptr;
+    float* delta = mptr<float>(p.delta);
+    const int b = static_cast<int>(bh / p.Hq), h = static_cast<int>(bh % p.Hq);
+    const T* o = cptr<T>(p.o) + b * p.so.b + h * p.so.h;
+    const T* dout = cptr<T>(p.dout) + b * p.sdo.b + h * p.sdo.h;
+    float* x = tmp;
+    float* y = x + Dvp;
+    for (int64_t i = 0; i < p.Tq; ++i) {
+      convert_in(kr, o + i * p.so.t, p.so.d, p.Dv, x);
+      convert_in(kr, dout + i * p.sdo.t, p.sdo.d, p.Dv, y);
+      float s = 0.f;
+      for (int d = 0; d < p.Dv; ++d) s += x[d] * y[d];
+      const int64_t at = stat_at(b, h) + i;
+      delta[at] = s - (dlse ? dlse[at] : 0.f);
+    }
   }
 
   // lse * log2 e (+inf for a row without keys: its P is 0) and delta of rows [m0, m0 + rows), zero-padded.
   void row_stats(int b, int h, int64_t m0, int rows, float* lse2, float* delta) const {
-    const int64_t base = (static_cast<int64_t>(b) * p.Hq + h) * p.Tq + m0;
+    const int64_t base = stat_at(b, h) + m0;
     for (int r = 0; r < BMp; ++r) {
       lse2[r] = r < rows ? lse_shift(cptr<float>(p.lse)[base + r]) * kLog2eF : 0.f;
       delta[r] = r < rows ? cptr<float>(p.delta)[base + r] : 0.f;
@@ -505,13 +673,15 @@ struct Tiled {
   }
 
   void backward_dkdv() const {
+    parallel(key_tile_tasks(), [&] { return make_dkdv(); }, [&](DkdvScratch& w, int64_t task) { dkdv_at(w, task); });
+  }
+
+  int64_t key_tile_tasks() const { return static_cast<int64_t>(p.B) * p.Hkv * ((p.Tk + BN - 1) / BN); }
+
+  void dkdv_at(DkdvScratch& w, int64_t task) const {
     const int64_t nkt = (p.Tk + BN - 1) / BN;
-    parallel(
-        static_cast<int64_t>(p.B) * p.Hkv * nkt, [&] { return make_dkdv(); },
-        [&](DkdvScratch& w, int64_t task) {
-          const int64_t bk = task / nkt;
-          dkdv_tile(w, static_cast<int>(bk / p.Hkv), static_cast<int>(bk % p.Hkv), (task % nkt) * BN);
-        });
+    const int64_t bk = task / nkt;
+    dkdv_tile(w, static_cast<int>(bk / p.Hkv), static_cast<int>(bk % p.Hkv), (task % nkt) * BN);
   }
 
   // ``dq``: null, or (fused backward) the dQ accumulators of the group's heads, group x Tq x Dp, to
@@ -749,22 +919,131 @@ void backward_as(const AttnParams& p) {
   Tiled<T>(p, t.own, t.other).backward_dq();  // dQ: a task owns a query tile
 }
 
+// ------------------------------------------------------------------------------------------------
+// varlen: one dense problem per sequence (sequence_params), their tasks run as one list
+// ------------------------------------------------------------------------------------------------
+// Runs the tasks of several passes as one list shared by the pool (pass i has counts[i] tasks):
+// ``run(scratch, i, t)``, the scratch built by ``make()`` once per worker.
+template <class Make, class Run>
+void parallel_passes(int threads, const std::vector<int64_t>& counts, Make make, Run run) {
+  std::vector<int64_t> start(counts.size() + 1, 0);
+  std::partial_sum(counts.begin(), counts.end(), start.begin() + 1);
+  const int64_t n = start.back();
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  run_parallel(static_cast<int>(std::min<int64_t>(threads, n)), [&](int) {
+    auto scratch = make();
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      const size_t pass = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), i) - start.begin() - 1);
+      run(scratch, pass, i - start[pass]);
+    }
+  });
+}
+
+// The sequences of a varlen call that have rows and keys, as dense problems, the most work first.
+std::vector<AttnParams> varlen_sequences(const AttnParams& p) {
+  std::vector<AttnParams> seqs;
+  for (int s = 0; s < p.B; ++s) {
+    AttnParams q = sequence_params(p, s);
+    if (q.Tq > 0 && q.Tk > 0) seqs.push_back(q);
+  }
+  std::stable_sort(seqs.begin(), seqs.end(), [](const AttnParams& a, const AttnParams& b) {
+    return static_cast<int64_t>(a.Tq) * a.Tk > static_cast<int64_t>(b.Tq) * b.Tk;
+  });
+  return seqs;
+}
+
+// One Tiled pass per sequence (the vector of params outlives them: a Tiled holds a reference).
+template <class T>
+std::vector<Tiled<T>> passes_of(const std::vector<AttnParams>& seqs, int bm, int bn) {
+  std::vector<Tiled<T>> passes;
+  passes.reserve(seqs.size());
+  for (const AttnParams& q : seqs) passes.emplace_back(q, bm, bn);
+  return passes;
+}
+
+// Forward: query-tile tasks of the sequences that do not decode, kv-head (x split) tasks of those that
+// do, in one list; then the merges of split sequences.
+template <class T>
+void varlen_forward_as(const AttnParams& p) {
+  const Tiles t = pass_tiles(p);
+  const std::vector<AttnParams> seqs = varlen_sequences(p);
+  if (seqs.empty()) return;
+  const std::vector<Tiled<T>> passes = passes_of<T>(seqs, t.own, t.other);
+  int64_t decode_heads = 0;  // kv-head tasks of the decoding sequences before splitting
+  for (const auto& x : passes)
+    if (x.decodes()) decode_heads += x.p.Hkv;
+  std::vector<typename Tiled<T>::DecodePlan> plans;
+  std::vector<int64_t> counts, parts_at, merges;
+  int64_t parts_size = 0;
+  for (const auto& x : passes) {
+    const bool dec = x.decodes();
+    plans.push_back(dec ? x.decode_plan(decode_heads) : typename Tiled<T>::DecodePlan{0, 0});
+    counts.push_back(dec ? x.decode_tasks(plans.back()) : x.query_tile_tasks());
+    const bool split = dec && plans.back().splits > 1;
+    parts_at.push_back(parts_size);
+    parts_size += split ? counts.back() * x.decode_part_size() : 0;
+    merges.push_back(split ? x.p.Hkv : 0);
+  }
+  std::vector<float> parts(static_cast<size_t>(parts_size));
+  const int threads = resolve_threads(p.num_threads);
+  parallel_passes(threads, counts, [&] { return passes[0].make_fwd(); },
+                  [&](typename Tiled<T>::FwdScratch& w, size_t i, int64_t task) {
+                    if (plans[i].splits > 0)
+                      return passes[i].decode_at(w, plans[i], task, parts.data() + parts_at[i]);
+                    passes[i].query_tile_at(task, w, [&](auto& ws, int b, int h, int64_t m0) {
+                      passes[i].forward_tile(ws, b, h, m0);
+                    });
+                  });
+  parallel_passes(threads, merges, [&] { return Tiled<T>::buf(1, passes[0].Dvp); },
+                  [&](std::vector<float>& acc, size_t i, int64_t kvh) {
+                    passes[i].decode_merge_at(plans[i], kvh, parts.data() + parts_at[i], acc.data());
+                  });
+}
+
+// Backward (split, never fused): delta per (sequence, head), then dK/dV per (sequence, kv head, key
+// tile), then dQ per (sequence, head, query tile), each a list over all sequences.
+template <class T>
+void varlen_backward_as(const AttnParams& p) {
+  const Tiles t = pass_tiles(p);
+  const std::vector<AttnParams> seqs = varlen_sequences(p);
+  if (seqs.empty()) return;
+  const std::vector<Tiled<T>> by_keys = passes_of<T>(seqs, t.other, t.own), by_q = passes_of<T>(seqs, t.own, t.other);
+  const int threads = resolve_threads(p.num_threads);
+  std::vector<int64_t> heads, key_tiles, query_tiles;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    heads.push_back(p.Hq);
+    key_tiles.push_back(by_keys[i].key_tile_tasks());
+    query_tiles.push_back(by_q[i].query_tile_tasks());
+  }
+  parallel_passes(threads, heads, [&] { return Tiled<T>::buf(2, by_keys[0].Dvp); },
+                  [&](std::vector<float>& tmp, size_t i, int64_t h) { by_keys[i].preprocess_at(h, tmp.data()); });
+  parallel_passes(threads, key_tiles, [&] { return by_keys[0].make_dkdv(); },
+                  [&](typename Tiled<T>::DkdvScratch& w, size_t i, int64_t task) { by_keys[i].dkdv_at(w, task); });
+  parallel_passes(threads, query_tiles, [&] { return by_q[0].make_dq(); },
+                  [&](typename Tiled<T>::DqScratch& w, size_t i, int64_t task) {
+                    by_q[i].query_tile_at(task, w, [&](auto& ws, int b, int h, int64_t m0) { by_q[i].dq_tile(ws, b, h, m0); });
+                  });
+}
+
 }  // namespace
 
 void tiled_forward(const AttnParams& p) {
+  const bool varlen = p.vl_q_len != 0;
   switch (p.dtype) {
-    case kFloat32: return forward_as<float>(p);
-    case kFloat16: return forward_as<Half>(p);
-    case kBFloat16: return forward_as<BFloat16>(p);
+    case kFloat32: return varlen ? varlen_forward_as<float>(p) : forward_as<float>(p);
+    case kFloat16: return varlen ? varlen_forward_as<Half>(p) : forward_as<Half>(p);
+    case kBFloat16: return varlen ? varlen_forward_as<BFloat16>(p) : forward_as<BFloat16>(p);
     default: require(false, "the tiled CPU path runs float32, float16 and bfloat16");
   }
 }
 
 void tiled_backward(const AttnParams& p) {
+  const bool varlen = p.vl_q_len != 0;
   switch (p.dtype) {
-    case kFloat32: return backward_as<float>(p);
-    case kFloat16: return backward_as<Half>(p);
-    case kBFloat16: return backward_as<BFloat16>(p);
+    case kFloat32: return varlen ? varlen_backward_as<float>(p) : backward_as<float>(p);
+    case kFloat16: return varlen ? varlen_backward_as<Half>(p) : backward_as<Half>(p);
+    case kBFloat16: return varlen ? varlen_backward_as<BFloat16>(p) : backward_as<BFloat16>(p);
     default: require(false, "the tiled CPU path runs float32, float16 and bfloat16");
   }
 }

@@ -360,6 +360,37 @@ def test_kvcache_whole_cache(device):
     assert_close(flash_attn_with_kvcache(q, k_cache, v_cache, causal=True, num_splits=4), ref, torch.float32)
 
 
+@pytest.mark.parametrize("page", [1, 4, 5])
+@pytest.mark.parametrize("t_new", [0, 3])
+def test_kvcache_paged(device, page, t_new):
+    """A paged cache (block_table into a shuffled pool of pages, any page size) gives what the contiguous caches its
+    pages spell give, and the appended tokens land in the right slots of the right pages (the others untouched)."""
+    B, Tq, n_pages = 3, 2, 4
+    Tc = n_pages * page
+    q, k_cache, v_cache, k, v = kvcache_case(device, B, B, Tq, t_new, Tc=Tc)
+    seqlens = torch.randint(0, Tc - t_new + 1, (B,), dtype=torch.int32)
+    seqlens[0] = Tc - t_new
+    pool = B * n_pages + 2  # two pages no sequence uses
+    table = torch.randperm(pool)[:B * n_pages].view(B, n_pages).to(device)
+    k_pages, v_pages = (torch.randn(pool, page, *c.shape[2:], device=device) for c in (k_cache, v_cache))
+    for pages, cache in ((k_pages, k_cache), (v_pages, v_cache)):
+        pages[table.flatten()] = cache.reshape(B * n_pages, page, *cache.shape[2:])
+    before = k_pages.clone(), v_pages.clone()
+    expected_k, expected_v, ref, ref_lse = kvcache_expected(q, k_cache, v_cache, k, v, seqlens.tolist(), [0, 1, 2],
+                                                            causal=True)
+    out, lse = flash_attn_with_kvcache(q, k_pages, v_pages, k, v, cache_seqlens=seqlens.to(device),
+                                       block_table=table.int(), causal=True, return_softmax_lse=True)
+    for pages, old, expected in ((k_pages, before[0], expected_k), (v_pages, before[1], expected_v)):
+        assert torch.equal(pages[table].flatten(1, 2), expected), "pages written wrongly"
+        unused = torch.ones(pool, dtype=torch.bool)
+        unused[table.flatten().cpu()] = False
+        assert torch.equal(pages[unused.to(device)], old[unused.to(device)]), "a page outside the table was written"
+    assert_close(out, ref, torch.float32, "fwd", "out")
+    empty = torch.isneginf(ref_lse)  # a causal row past an empty cache sees no key
+    assert torch.equal(torch.isneginf(lse.cpu()), empty)
+    assert_close(lse.cpu().masked_fill(empty, 0.0), ref_lse.masked_fill(empty, 0.0), torch.float32, "lse", "lse")
+
+
 # ----------------------------------------------------------------------------------------------
 # bad inputs of the varlen and kvcache functions
 # ----------------------------------------------------------------------------------------------
@@ -450,7 +481,19 @@ BAD_KVCACHE = [
     ("k must be", kvcache_call(k=lambda t: t["k"][:, :, :1]), ValueError),
     ("v must be", kvcache_call(v=lambda t: t["v"][:, :2]), ValueError),
     ("head dim of q", kvcache_call(q=lambda t: t["q"][..., :16]), ValueError),
-    ("block_table", kvcache_call(block_table=on_device(i32(0, 1))), NotImplementedError),
+    ("block_table must be 2-D", kvcache_call(block_table=on_device(i32(0, 1))), ValueError),
+    ("block_table must be int32", kvcache_call(block_table=lambda t: torch.zeros(2, 1, dtype=torch.int64,
+                                                                                 device=t["q"].device)), TypeError),
+    ("block_table must have shape", kvcache_call(block_table=lambda t: torch.zeros(3, 1, dtype=torch.int32,
+                                                                                   device=t["q"].device)), ValueError),
+    ("block_table entries must lie in", kvcache_call(block_table=lambda t: torch.tensor(
+        [[0], [2]], dtype=torch.int32, device=t["q"].device)), ValueError),
+    ("cache_batch_idx and block_table cannot be combined", kvcache_call(
+        block_table=lambda t: torch.tensor([[0], [1]], dtype=torch.int32, device=t["q"].device),
+        cache_batch_idx=on_device(i32(1, 0))), ValueError),
+    ("cache_seqlens must be >= 0 and leave room", kvcache_call(  # one page of 8 slots: 6 + 3 do not fit
+        block_table=lambda t: torch.tensor([[0], [1]], dtype=torch.int32, device=t["q"].device),
+        cache_seqlens=on_device(i32(2, 6))), ValueError),
     ("rotary_cos", kvcache_call(rotary_cos=lambda t: torch.ones(8, 16)), NotImplementedError),
     ("rotary_sin", kvcache_call(rotary_sin=lambda t: torch.ones(8, 16)), NotImplementedError),
     ("cache_leftpad", kvcache_call(cache_leftpad=on_device(i32(0, 0))), NotImplementedError),

@@ -152,9 +152,11 @@ def test_cache_errors():
 @pytest.mark.parametrize("mask", ["none", "causal-window", "softcap-alibi"])
 @pytest.mark.interpreter_subset(splits=[5])
 def test_split_kv_decoding(backend, splits, mask, monkeypatch):
-    """Short query sequences against long keys: the Triton launcher splits the keys over programs and merges the
-    parts by lse (forced here; on a GPU its heuristic chooses); the other backends run their ordinary path."""
+    """Short query sequences against long keys: the Triton launcher and the C++ CPU kernels split the keys over
+    programs / tasks and merge the parts by lse (forced here; otherwise a heuristic chooses)."""
     from effattn.kernels import flash_attn
+
+    monkeypatch.setenv("EFFATTN_CPU_DECODE_SPLITS", str(splits))
 
     kw = {"none": {}, "causal-window": dict(causal=True, window=(40, None)),
           "softcap-alibi": dict(softcap=1.0, alibi_slopes=torch.rand(H, device=backend.device))}[mask]
@@ -165,7 +167,7 @@ def test_split_kv_decoding(backend, splits, mask, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(flash_attn, "_decode_forward", spy)
-    q, k, v, cq, ck = _packed([1, 4, 16, 2], [70, 33, 100, 0], device=backend.device)
+    q, k, v, cq, ck = _packed([1, 4, 16, 2], [70, 33, 300, 0], device=backend.device)
     with flash_attn.forced_splits(splits):
         _compare(backend, q, k, v, cq, ck, **kw)
     assert calls == ([splits] if backend.name == "triton" else [])

@@ -140,6 +140,49 @@ def test_score_mods_shapes(monkeypatch, case, dtype, mode):
                            **_mods("both", shape["B"], shape["Hq"]))
 
 
+# Decoding (Tiled::decodes): at most 16 query rows per head against many keys; the rows of a GQA group stacked in one
+# tile, the keys split over tasks and merged by lse ($EFFATTN_CPU_DECODE_SPLITS forces the split).
+DECODE_CASES = {
+    "one_row_gqa": dict(shape=dict(B=2, Hq=8, Hkv=2, Tq=1, Tk=300, D=64), kw=dict()),
+    "rows16_mqa_causal": dict(shape=dict(B=1, Hq=4, Hkv=1, Tq=16, Tk=257, D=40, Dv=24), kw=dict(causal=True)),
+    "window_softcap_alibi": dict(shape=dict(B=2, Hq=4, Hkv=2, Tq=3, Tk=200, D=128),
+                                 kw=dict(window=(50, 0), softcap=1.5, alibi_slopes=_slopes(2, 4, per_batch=True))),
+    "window_diagonal": dict(shape=dict(B=1, Hq=2, Tq=4, Tk=150, D=32), kw=dict(window=(0, 0))),
+    "group_above_tile": dict(shape=dict(B=1, Hq=16, Hkv=1, Tq=8, Tk=130, D=32), kw=dict(causal=True)),
+}
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decoding(monkeypatch, case, dtype, splits):
+    """Stacked GQA rows (one row per head up to 16, MQA, Dqk != Dv, head dim 128), bottom-right causal and windows
+    (a window (0, 0): one key per row), softcap and ALiBi per
+    row's head, parts of 1 or 3 key ranges; a group too big for the tile takes the ordinary path."""
+    if splits is not None:
+        monkeypatch.setenv("EFFATTN_CPU_DECODE_SPLITS", str(splits))
+    shape = DECODE_CASES[case]["shape"]
+    q, k, v = make_qkv(**shape, dtype=dtype)
+    compare_with_reference(q, k, v, backend="cpp", lse_grad=True, **DECODE_CASES[case]["kw"])
+
+
+def test_decoding_rows_without_keys(monkeypatch):
+    """Rows that see no key (a window entirely past the keys) and a split whose range is invisible: out 0, lse -inf."""
+    monkeypatch.setenv("EFFATTN_CPU_DECODE_SPLITS", "4")
+    q, k, v = make_qkv(B=1, Hq=4, Hkv=2, Tq=2, Tk=260, D=32, dtype=torch.float32, requires_grad=False)
+    out, lse = cuda_ops.attn_forward(q, k, v, None, scale=0.2, window_left=0, window_right=0, diag_offset=300)
+    ref_out, ref_lse = reference.attention_forward(q.double(), k.double(), v.double(), None, scale=0.2,
+                                                   window_left=0, window_right=0, diag_offset=300)
+    assert torch.isneginf(lse).all() and torch.isneginf(ref_lse).all()
+    assert torch.equal(out, torch.zeros_like(out))
+    out, lse = cuda_ops.attn_forward(q, k, v, None, scale=0.2, window_left=10, window_right=0, diag_offset=-1)
+    ref_out, ref_lse = reference.attention_forward(q.double(), k.double(), v.double(), None, scale=0.2,
+                                                   window_left=10, window_right=0, diag_offset=-1)
+    assert torch.isneginf(lse[:, :, 0]).all() and torch.isneginf(ref_lse[:, :, 0]).all()
+    assert_close(out, ref_out, torch.float32, "fwd", "out")
+    assert_close(lse[:, :, 1:], ref_lse[:, :, 1:], torch.float32, "lse", "lse")
+
+
 @pytest.mark.parametrize("case", list(MOD_CASES))
 def test_score_mods_shapes_float64(case):
     """The same cases on the scalar float64 path (tiles of 16: several per case)."""
