@@ -280,6 +280,16 @@ PRESETS: dict[str, Sweep] = {
                          modes=("fwd", "fwd+bwd"), tokens=4 * KI, heads=(12,), ops=("funnel",),
                          funnel_types=FUNNEL_TYPES),),
         ),
+        Sweep(
+            name="h100-varlen",
+            description=("GPU varlen and decoding: 16 packed sequences of mixed lengths up to 4k (varlen; dense and "
+                         "causal, fwd and fwd+bwd), then one query per sequence (B=1 and 8) against caches of "
+                         "4k-32k (decode, 32 heads, 8 KV heads); bf16, D=128; time-boxed to 90 s"),
+            seqlens=(4 * KI,), headdims=(128,), dtypes=("bf16",), causal=(False, True), modes=("fwd", "fwd+bwd"),
+            batch=(16,), heads=(16,), ops=("varlen",), timing=GPU_TIMING, time_budget_s=90.0,
+            parts=(Sweep(seqlens=DECODE_CACHE_LENS, headdims=(128,), dtypes=("bf16",), causal=(False,),
+                         modes=("fwd",), batch=(1, 8), heads=(32,), gqa=(4,), ops=("decode",)),),
+        ),
     )
 }
 DEFAULT_PRESET = "quick"

@@ -15,8 +15,11 @@
 # 7. "cuda": the C++/CUDA extension: its build (sm_90 only unless EFFATTN_CUDA_ARCHS says otherwise),
 #    its tests on the GPU and compute-sanitizer over a few of them, logged to $OUT/tests_cuda_ext.log;
 # 8. "new": the tests of what has not yet run on a GPU besides the extension (the relative-position
-#    band kernels and the Funnel layer on them) on CUDA, logged to $OUT/tests_new.log.
-# GPU_CHECK_PARTS (default "cuda new funnel": what has never run on a GPU, about 7 minutes) picks the
+#    band kernels and the Funnel layer on them; varlen, split-KV decoding, the flash-attn interface and the
+#    Hugging Face integration) on CUDA, logged to $OUT/tests_new.log;
+# 9. "varlen": the h100-varlen preset of `python -m bench` (packed sequences against padding + SDPA and
+#    segment ids; decoding against SDPA and a plain flash call), time-boxed, files varlen.json, varlen.md.
+# GPU_CHECK_PARTS (default "cuda new varlen funnel": what has never run on a GPU, about 8 minutes) picks the
 # steps; all of them do not fit one 10-minute call: split them, e.g. "tests" then "flash ops"
 # (funnel and sparse: the sweeps of those ops in depth; ops covers them more thinly).
 #
@@ -24,7 +27,8 @@
 # nothing and needs no network. Output directory: $OUT, or bench/results when OUT is unset. It holds
 # at most 8 files per call (the device tool's limit): tests_cuda.log, tests_cuda_ext.log;
 # attention.json, attention.md, attention_tflops.png, attention_roofline.png; ops.json, ops.md,
-# ops_sparse.png; funnel.json, funnel.md; sparse.json, sparse.md (plots of those two made from the JSON).
+# ops_sparse.png; funnel.json, funnel.md; sparse.json, sparse.md; varlen.json, varlen.md (plots of those
+# made from the JSON).
 #
 # Time: tests at most TEST_TIMEOUT_S; the flash benchmark stops starting new rows after the preset's
 # budget and is interrupted (SIGINT: it still writes its files) at BENCH_TIMEOUT_S, and likewise the
@@ -39,14 +43,15 @@ OUT_DIR="${OUT:-bench/results}"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-230}"
 BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-110}"
-FUNNEL_TIMEOUT_S="${FUNNEL_TIMEOUT_S:-100}"
+FUNNEL_TIMEOUT_S="${FUNNEL_TIMEOUT_S:-80}"
+VARLEN_TIMEOUT_S="${VARLEN_TIMEOUT_S:-75}"
 SPARSE_TIMEOUT_S="${SPARSE_TIMEOUT_S:-100}"
 OPS_TIMEOUT_S="${OPS_TIMEOUT_S:-180}"
 CUDA_TIMEOUT_S="${CUDA_TIMEOUT_S:-200}"
-NEW_TIMEOUT_S="${NEW_TIMEOUT_S:-90}"
+NEW_TIMEOUT_S="${NEW_TIMEOUT_S:-100}"
 export EFFATTN_CUDA_ARCHS="${EFFATTN_CUDA_ARCHS:-90}"  # the extension's build: this GPU's arch only
-PARTS="${GPU_CHECK_PARTS:-cuda new funnel}"
-test_rc=0 bench_rc=0 funnel_rc=0 sparse_rc=0 ops_rc=0 cuda_rc=0 new_rc=0
+PARTS="${GPU_CHECK_PARTS:-cuda new varlen funnel}"
+test_rc=0 bench_rc=0 funnel_rc=0 sparse_rc=0 ops_rc=0 cuda_rc=0 new_rc=0 varlen_rc=0
 KILL_AFTER_S=15
 mkdir -p "$OUT_DIR"
 
@@ -84,6 +89,7 @@ if [[ " $PARTS " == *" new "* ]]; then
     echo "== tests of the relative-position band kernels and the Funnel layer on CUDA (at most ${NEW_TIMEOUT_S} s)"
     EFFATTN_TEST_DEVICE=cuda EFFATTN_AUTOTUNE=0 timeout -k "$KILL_AFTER_S" "$NEW_TIMEOUT_S" \
         "$PYTHON" -m pytest tests/kernels/test_relpos_attn.py tests/api/test_relpos.py tests/nn/test_funnel.py \
+        tests/api/test_varlen.py tests/api/test_flash_attn_interface.py tests/integrations/test_transformers.py \
         -q -n "${TEST_WORKERS:-16}" -p no:cacheprovider -rfs -W ignore 2>&1 | tee "$OUT_DIR/tests_new.log"
     new_rc=${PIPESTATUS[0]}
 fi
@@ -107,6 +113,15 @@ if [[ " $PARTS " == *" flash "* ]]; then
     bench_rc=$?
     rm -f "$OUT_DIR/attention_time.png" "$OUT_DIR/attention_memory.png" "$OUT_DIR/attention.csv" \
         "$OUT_DIR/attention_summary.md"  # 8 files at most (attention.md holds the summary)
+fi
+
+if [[ " $PARTS " == *" varlen "* ]]; then
+    echo "== varlen and decoding benchmark (at most ${VARLEN_TIMEOUT_S} s)"
+    timeout -s INT -k "$KILL_AFTER_S" "$VARLEN_TIMEOUT_S" \
+        "$PYTHON" -m bench --preset h100-varlen --device cuda --out "$OUT_DIR" --stem varlen --no-plots \
+        --providers sdpa effattn effattn-padded effattn-segments effattn-flash
+    varlen_rc=$?
+    rm -f "$OUT_DIR/varlen.csv" "$OUT_DIR/varlen_summary.md"  # 8 files at most (varlen.md holds the summary)
 fi
 
 if [[ " $PARTS " == *" funnel "* ]]; then
@@ -139,8 +154,8 @@ fi
 
 echo "== done: tests exit $test_rc, flash benchmark exit $bench_rc, Funnel benchmark exit $funnel_rc," \
      "block-sparse benchmark exit $sparse_rc, ops benchmark exit $ops_rc, CUDA extension exit $cuda_rc," \
-     "new kernels' tests exit $new_rc;" \
+     "new kernels' tests exit $new_rc, varlen benchmark exit $varlen_rc;" \
      "files in $OUT_DIR:"
 ls -l "$OUT_DIR"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$funnel_rc" -eq 0 ] && [ "$sparse_rc" -eq 0 ] &&
-    [ "$ops_rc" -eq 0 ] && [ "$cuda_rc" -eq 0 ] && [ "$new_rc" -eq 0 ]
+    [ "$ops_rc" -eq 0 ] && [ "$cuda_rc" -eq 0 ] && [ "$new_rc" -eq 0 ] && [ "$varlen_rc" -eq 0 ]

@@ -19,6 +19,7 @@ Environment:
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import platform
@@ -44,11 +45,27 @@ X86_ISA_FLAGS = {
 SIMD_FLAGS = ("-ffp-contract=fast",)
 CUDA_SOURCES = ("cuda/launch.cu", "cuda/flash_fwd_hdim64.cu", "cuda/flash_fwd_hdim128.cu",
                 "cuda/flash_bwd_hdim64.cu", "cuda/flash_bwd_hdim128.cu")
-HEADERS = ("common/params.h", "common/attn_rules.h", "common/check.h", "common/philox.h", "cpu/attn_cpu.h",
-           "cpu/attn_tiled.h", "cpu/relpos_tiled.h", "cpu/host_types.h", "cpu/simd.h", "cpu/simd_kernels.inc",
-           "cpu/thread_pool.h", "cpu/varlen.h",
-           "cuda/launch.h", "cuda/flash_kernels.cuh", "cuda/mma.cuh", "cuda/cuda_check.cuh")
+HEADERS = ("common/params.h", "common/params_binding.h", "common/attn_rules.h", "common/check.h",
+           "common/philox.h", "cpu/attn_cpu.h", "cpu/attn_tiled.h", "cpu/relpos_tiled.h", "cpu/host_types.h",
+           "cpu/simd.h", "cpu/simd_kernels.inc", "cpu/thread_pool.h", "cpu/varlen.h", "cuda/launch.h",
+           "cuda/flash_kernels.cuh", "cuda/mma.cuh", "cuda/cuda_check.cuh", "cuda/device.cuh")
 WARNING_FLAGS = ("-Wall", "-Wextra")
+# The emulator's module (backend "cuda-emu"): the CUDA sources compiled by the host compiler against the
+# emulator of csrc/emu (its own headers stand in for CUDA's), with csrc/emu's sources; never built at
+# install time, only when the backend is named.
+EMU_MODULE = "_C_emu"
+EMU_FLAGS = ("-x", "c++", "-DEFFATTN_CUDA_EMU", "-O2")
+
+
+def emu_sources() -> tuple[str, ...]:
+    """csrc/emu's C++ sources (relative to csrc), the emulator's own test module aside."""
+    found = sorted(os.path.relpath(f, CSRC) for f in glob.glob(os.path.join(CSRC, "emu", "*.cpp")))
+    return tuple(f for f in found if not f.endswith("test_module.cpp"))
+
+
+def emu_headers() -> tuple[str, ...]:
+    return tuple(sorted(os.path.relpath(f, CSRC) for pattern in ("*.h", "include/*.h")
+                        for f in glob.glob(os.path.join(CSRC, "emu", pattern))))
 
 
 class BuildError(RuntimeError):
@@ -111,8 +128,8 @@ def _x86_64() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-def module_filename() -> str:
-    return MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+def module_filename(module: str = MODULE) -> str:
+    return module + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 
 
 @dataclass
@@ -124,6 +141,17 @@ class Config:
         default_factory=lambda: tuple(a for a in os.environ.get("EFFATTN_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a))
     cxx: str = field(default_factory=lambda: os.environ.get("CXX", "c++"))
     debug: bool = False
+    emu: bool = False  # the emulator's module (EMU_MODULE) instead of the extension
+
+    @property
+    def module(self) -> str:
+        return EMU_MODULE if self.emu else MODULE
+
+    def sources(self) -> tuple[str, ...]:
+        """Every file the build reads (relative to csrc)."""
+        if self.emu:
+            return emu_sources() + emu_headers() + HEADERS + CUDA_SOURCES
+        return CXX_SOURCES + HEADERS + (CUDA_SOURCES if self.with_cuda else ())
 
     @property
     def with_cuda(self) -> bool:
@@ -140,12 +168,12 @@ class Config:
     def key(self) -> str:
         """Hash of the sources, the flags and the tools: the JIT cache directory's name."""
         h = hashlib.sha256()
-        for rel in CXX_SOURCES + HEADERS + (CUDA_SOURCES if self.with_cuda else ()):
+        for rel in self.sources():
             with open(os.path.join(CSRC, rel), "rb") as f:
                 h.update(rel.encode() + b"\0" + f.read())
         with open(os.path.abspath(__file__), "rb") as f:
             h.update(f.read())
-        h.update(repr((self.nvcc, self.archs, self.cxx, self.debug, sys.version, sys.platform)).encode())
+        h.update(repr((self.nvcc, self.archs, self.cxx, self.debug, self.emu, sys.version, sys.platform)).encode())
         if self.nvcc:
             h.update(_tool_version([self.nvcc, "--version"]).encode())
         h.update(_tool_version([self.cxx, "--version"]).encode())
@@ -172,6 +200,8 @@ def write_ninja(cfg: Config, build_dir: str, output: str) -> str:
                  f"-I{CSRC}", f"-I{py_inc}", f"-I{pybind11_include()}"]
     ldflags = ["-shared", "-pthread"]
     lines = ["ninja_required_version = 1.3", f"cxx = {cfg.cxx}"]
+    if cfg.emu:
+        return _write_emu_ninja(lines, cxx_flags, ldflags, build_dir, output)
     if cfg.with_cuda:
         archs = ",".join(cfg.archs)
         cxx_flags += ["-DEFFATTN_WITH_CUDA", f'-DEFFATTN_CUDA_ARCHS=\\"{archs}\\"']
@@ -205,6 +235,27 @@ def write_ninja(cfg: Config, build_dir: str, output: str) -> str:
     return path
 
 
+def _write_emu_ninja(lines: list[str], cxx_flags: list[str], ldflags: list[str], build_dir: str, output: str) -> str:
+    """The emulator's module: csrc/emu's sources, then the CUDA sources as C++ against csrc/emu/include."""
+    emu_flags = [*EMU_FLAGS, f"-I{os.path.join(CSRC, 'emu', 'include')}"]
+    lines += ["cxx_flags = " + " ".join(cxx_flags), "emu_flags = " + " ".join(emu_flags),
+              "ldflags = " + " ".join(ldflags), "",
+              "rule emucxx", "  command = $cxx -MMD -MF $out.d $cxx_flags $emu_flags -c $in -o $out",
+              "  depfile = $out.d", "  deps = gcc", "  description = CXX (emulator) $out", "",
+              "rule link", "  command = $cxx $in -o $out $ldflags", "  description = LINK $out", ""]
+    objects = []
+    for src in emu_sources() + CUDA_SOURCES:
+        obj = os.path.join(build_dir, src.replace("/", "_") + ".o")
+        objects.append(obj)
+        lines.append(f"build {_q(obj)}: emucxx {_q(os.path.join(CSRC, src))}")
+    lines += ["", f"build {_q(output)}: link " + " ".join(_q(o) for o in objects), "", f"default {_q(output)}", ""]
+    os.makedirs(build_dir, exist_ok=True)
+    path = os.path.join(build_dir, "build.ninja")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
 @dataclass
 class BuildResult:
     path: str
@@ -220,7 +271,7 @@ def build(build_dir: str, output: str | None = None, cfg: Config | None = None, 
     ninja = find_ninja()
     if ninja is None:
         raise BuildError("ninja is needed to build the effattn extension: pip install ninja")
-    output = os.path.abspath(output or os.path.join(build_dir, module_filename()))
+    output = os.path.abspath(output or os.path.join(build_dir, module_filename(cfg.module)))
     write_ninja(cfg, build_dir, output)
     cmd = [ninja, "-C", build_dir]
     jobs = jobs or (int(os.environ["MAX_JOBS"]) if os.environ.get("MAX_JOBS") else None)

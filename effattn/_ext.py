@@ -30,8 +30,8 @@ def cache_root() -> str:
     return os.environ.get(ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "effattn")
 
 
-def _load_from(path: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"effattn.{_build.MODULE}", path)
+def _load_from(path: str, module: str = _build.MODULE) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(f"effattn.{module}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules[spec.name] = module
@@ -61,9 +61,9 @@ def jit_build(cfg: _build.Config | None = None) -> _build.BuildResult | str:
     """Build into the cache (once per source hash, under a lock). Returns the BuildResult, or the
     module's path when it was already there."""
     cfg = cfg or _build.Config()
-    build_dir = os.path.join(cache_root(), f"ext-{cfg.key()}")
+    build_dir = os.path.join(cache_root(), f"{'emu' if cfg.emu else 'ext'}-{cfg.key()}")
     os.makedirs(build_dir, exist_ok=True)
-    output = os.path.join(build_dir, _build.module_filename())
+    output = os.path.join(build_dir, _build.module_filename(cfg.module))
     with open(os.path.join(build_dir, "lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -119,3 +119,48 @@ def is_ready() -> bool:
 def unavailable_reason() -> str | None:
     """None when the extension loads (building it first if needed), else why it does not."""
     return _load()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# the emulator's module effattn._C_emu (backend "cuda-emu"): built in the cache on first use, never installed
+# ----------------------------------------------------------------------------------------------
+@functools.cache
+def _load_emu() -> tuple[types.ModuleType | None, str | None]:
+    if os.environ.get(ENV_JIT, "1") == "0":
+        return None, f"the emulator's module is built on first use and {ENV_JIT}=0 disables building it"
+    if not _build.emu_sources():
+        return None, "the emulator's sources (csrc/emu) are not in this installation"
+    cfg = _build.Config(emu=True)
+    try:
+        res = jit_build(cfg)
+    except (_build.BuildError, OSError) as e:
+        return None, f"the emulator's module could not be built: {e}"
+    path = res if isinstance(res, str) else res.path
+    try:
+        return _load_from(path, _build.EMU_MODULE), None
+    except ImportError as e:
+        return None, f"the emulator's module at {path} cannot be loaded: {e}"
+
+
+def load_emu() -> types.ModuleType:
+    """The emulator's module (building it first if needed); raises :class:`ExtensionUnavailable` with the reason."""
+    module, why = _load_emu()
+    if module is None:
+        raise ExtensionUnavailable(why)
+    return module
+
+
+def emu_is_ready() -> bool:
+    """Whether the emulator's module can be loaded without building it (already built, or loaded)."""
+    if _load_emu.cache_info().currsize:
+        return True
+    try:
+        cfg = _build.Config(emu=True)
+        return os.path.isfile(os.path.join(cache_root(), f"emu-{cfg.key()}", _build.module_filename(cfg.module)))
+    except OSError:
+        return False
+
+
+def emu_unavailable_reason() -> str | None:
+    """None when the emulator's module loads (building it first if needed), else why it does not."""
+    return _load_emu()[1]

@@ -23,6 +23,7 @@
 
 #include "../common/attn_rules.h"
 #include "cuda_check.cuh"
+#include "device.cuh"
 #include "launch.h"
 #include "mma.cuh"
 
@@ -232,7 +233,7 @@ template <class T, int D>
 __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const __grid_constant__ AttnParams p) {
   using Tr = Traits<T, D>;
   constexpr int BM = Tr::kFwdM, BN = Tr::kFwdN, S = Tr::kStride;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  EA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* Ks = Qs + BM * S;     // two buffers
   T* Vs = Ks + 2 * BN * S;  // two buffers
@@ -334,7 +335,7 @@ template <class T, int D>
 __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const __grid_constant__ AttnParams p) {
   using Tr = Traits<T, D>;
   constexpr int BN = Tr::kBwdN, BM = Tr::kBwdM, S = Tr::kStride;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  EA_DYNAMIC_SMEM(smem_raw);
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BN * S;
   T* Qs = Vs + BN * S;     // two buffers
@@ -425,7 +426,7 @@ template <class T, int D>
 __global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
   using Tr = Traits<T, D>;
   constexpr int BM = Tr::kDqM, BN = Tr::kDqN, S = Tr::kStride;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  EA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* dOs = Qs + BM * S;
   T* Ks = dOs + BM * S;     // two buffers
@@ -552,7 +553,8 @@ void launch_fwd(const AttnParams& p, cudaStream_t stream) {
   using Tr = Traits<T, D>;
   auto kernel = flash_fwd_kernel<T, D>;
   set_smem(kernel, Tr::kFwdSmem);
-  kernel<<<dim3(blocks(p.Tq, Tr::kFwdM), p.Hq, p.B), kThreads, Tr::kFwdSmem, stream>>>(p);
+  launch_kernel("flash_fwd_kernel", kernel, dim3(blocks(p.Tq, Tr::kFwdM), p.Hq, p.B), dim3(kThreads), Tr::kFwdSmem,
+                stream, p);
   EA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -560,15 +562,18 @@ template <class T, int D>
 void launch_bwd(const AttnParams& p, cudaStream_t stream) {
   using Tr = Traits<T, D>;
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
-  bwd_preprocess_kernel<T><<<blocks(rows, kPreprocessThreads), kPreprocessThreads, 0, stream>>>(p);
+  launch_kernel("bwd_preprocess_kernel", bwd_preprocess_kernel<T>, dim3(blocks(rows, kPreprocessThreads)),
+                dim3(kPreprocessThreads), 0, stream, p);
   EA_CUDA_CHECK(cudaGetLastError());
   auto dkdv = flash_bwd_dkdv_kernel<T, D>;
   set_smem(dkdv, Tr::kBwdSmem);
-  dkdv<<<dim3(blocks(p.Tk, Tr::kBwdN), p.Hkv, p.B), kThreads, Tr::kBwdSmem, stream>>>(p);
+  launch_kernel("flash_bwd_dkdv_kernel", dkdv, dim3(blocks(p.Tk, Tr::kBwdN), p.Hkv, p.B), dim3(kThreads),
+                Tr::kBwdSmem, stream, p);
   EA_CUDA_CHECK(cudaGetLastError());
   auto dq = flash_bwd_dq_kernel<T, D>;
   set_smem(dq, Tr::kDqSmem);
-  dq<<<dim3(blocks(p.Tq, Tr::kDqM), p.Hq, p.B), kThreads, Tr::kDqSmem, stream>>>(p);
+  launch_kernel("flash_bwd_dq_kernel", dq, dim3(blocks(p.Tq, Tr::kDqM), p.Hq, p.B), dim3(kThreads), Tr::kDqSmem,
+                stream, p);
   EA_CUDA_CHECK(cudaGetLastError());
 }
 

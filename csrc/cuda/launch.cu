@@ -57,6 +57,12 @@ void check_cuda_params(const AttnParams& p) {
                 (p.block_kv & (p.block_kv - 1)) == 0,
             "the CUDA block-sparse kernels need block sizes that are powers of two >= 64 (got " +
                 std::to_string(p.block_q) + " x " + std::to_string(p.block_kv) + ")");
+  // What the CUDA kernels do not implement (the Python layer declines these first; a raw launch must not
+  // silently ignore them).
+  require(p.softcap == 0.0 && p.alibi == 0, "the CUDA kernels do not implement softcap or ALiBi");
+  require(p.dropout_p == 0.0, "the CUDA kernels do not implement dropout");
+  require(p.vl_q_len == 0, "the CUDA kernels do not implement varlen");
+  require(p.stat_sh == 0 || p.stat_sh == p.Tq, "the CUDA kernels take lse, delta and dlse contiguous (B, Hq, Tq)");
   int count = 0;
   EA_CUDA_CHECK(cudaGetDeviceCount(&count));
   require(p.device >= 0 && p.device < count, "CUDA device " + std::to_string(p.device) + " does not exist");

@@ -13,16 +13,25 @@
 #include <cstdint>
 #include <type_traits>
 
+#ifdef EFFATTN_CUDA_EMU  // the host build: the same primitives from csrc/emu, computed as the PTX ISA says
+#include "../emu/emu.h"
+#endif
+
 namespace effattn {
 namespace mma {
 
+#ifndef EFFATTN_CUDA_EMU
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // d += a * b, one m16n8k16 product.
 template <class T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef EFFATTN_CUDA_EMU
+  emu::mma_16816<T>(d, a, b0, b1);
+#else
   if constexpr (std::is_same<T, __half>::value) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -37,26 +46,39 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives it.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#ifdef EFFATTN_CUDA_EMU
+  emu::ldmatrix_x4(r, row);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(row)));
+#endif
 }
 
 // The same, each matrix transposed on the way.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+#ifdef EFFATTN_CUDA_EMU
+  emu::ldmatrix_x4_trans(r, row);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(row)));
+#endif
 }
 
 // 16-byte asynchronous copy global -> shared; zero-fills the destination when !pred (nothing is read).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool pred) {
+#ifdef EFFATTN_CUDA_EMU
+  emu::cp_async_16(dst, src, pred);
+#else
   const int bytes = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+#endif
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -64,7 +86,15 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // Wait until at most N committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef EFFATTN_CUDA_EMU
+  emu::cp_async_wait<N>();
+#else
+#ifdef EFFATTN_CUDA_EMU
+  emu::cp_async_commit();
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+#endif
 }
 
 template <class T>

@@ -96,7 +96,7 @@ def test_gpu_check_runs_the_harness_with_valid_arguments():
     invocations = _gpu_check_invocations()
     assert [words[0] for words in invocations] == ["bench"] * len(invocations)  # no deprecated command
     presets = {words[words.index("--preset") + 1] for words in invocations}
-    assert presets == {"h100", "h100-ops", "h100-sparse", "h100-funnel"}
+    assert presets == {"h100", "h100-ops", "h100-sparse", "h100-funnel", "h100-varlen"}
     for words in invocations:
         args = bench_attention.build_parser().parse_args(words[1:])
         assert args.device == "cuda" and expand(bench_attention.resolve_sweep(args), "cuda"), words
