@@ -188,6 +188,21 @@ def list_everything(device: str, sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
+def prepare_extension() -> str:
+    """Load the compiled extension, building it first when the sources changed since its last build: the
+    automatic backend never builds it, and would time the reference in place of the C++ kernels. Returns its
+    state for the metadata."""
+    from effattn import _ext
+
+    if not _ext.is_ready():
+        print("building the effattn extension (csrc/) first ...", file=sys.stderr)
+    why = _ext.unavailable_reason()
+    if why:
+        print(f"note: the effattn extension is unavailable ({why}); effattn's rows run other backends",
+              file=sys.stderr)
+    return "loaded" if why is None else f"unavailable: {why}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -208,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"preset {sweep.name}, device {device}: {len(cases)} cases x {len(providers)} providers"
           + (f", time budget {sweep.time_budget_s:g} s" if sweep.time_budget_s else ""), file=sys.stderr)
 
+    extension = prepare_extension()
     start = time.perf_counter()
     rows = run_sweep(cases, providers, timing=sweep.timing, requested=args.providers or (),
                      time_budget_s=sweep.time_budget_s, seed=args.seed, progress=not args.quiet)
@@ -222,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "kept blocks; funnel: projections + content attention); bwd 2.5x (linear layers 2x)",
         "bytes": "inputs read and outputs written once (bench.ops)",
         "sweep_seconds": round(elapsed, 1),
+        "extension": extension,
     })
     ceilings = None
     if not args.no_ceilings:

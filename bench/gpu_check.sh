@@ -13,7 +13,8 @@
 # 6. "ops": the h100-ops preset of `python -m bench` (pooled, sparse, Funnel layer, mask prediction),
 #    time-boxed, files ops.json, ops.md, ops_sparse.png;
 # 7. "cuda": the C++/CUDA extension: its build (sm_90 only unless EFFATTN_CUDA_ARCHS says otherwise),
-#    its tests on the GPU and compute-sanitizer over a few of them, logged to $OUT/tests_cuda_ext.log;
+#    its tests on the GPU, the kernels on the GPU against the same kernels on the host emulator
+#    (backend "cuda-emu"), and compute-sanitizer over a few of them, logged to $OUT/tests_cuda_ext.log;
 # 8. "new": the tests of what has not yet run on a GPU besides the extension (the relative-position
 #    band kernels and the Funnel layer on them; varlen, split-KV decoding, the flash-attn interface and the
 #    Hugging Face integration) on CUDA, logged to $OUT/tests_new.log;
@@ -79,6 +80,8 @@ if [[ " $PARTS " == *" cuda "* ]]; then
         "$0" -c "from effattn import _ext; m = _ext.load(); print(\"extension built, CUDA:\", m.WITH_CUDA, m.CUDA_ARCHS)" &&
         EFFATTN_TEST_DEVICE=cuda "$0" -m pytest tests/csrc/test_cuda_ext.py tests/csrc/test_cuda_backend.py tests/csrc/test_cpp_backend.py \
             -q -n 8 -p no:cacheprovider -rfs &&
+        EFFATTN_TEST_DEVICE=cuda "$0" -m pytest tests/csrc/test_cuda_emu.py -q -p no:cacheprovider -rfs \
+            -k matches_the_device &&
         compute-sanitizer --tool memcheck --error-exitcode 1 "$0" -m pytest tests/csrc/test_cuda_backend.py -q -x \
             -p no:cacheprovider -k "sizes or unaligned or sparse_random or pooled"' "$PYTHON" 2>&1 \
         | tee "$OUT_DIR/tests_cuda_ext.log"

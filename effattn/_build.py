@@ -54,7 +54,7 @@ WARNING_FLAGS = ("-Wall", "-Wextra")
 # emulator of csrc/emu (its own headers stand in for CUDA's), with csrc/emu's sources; never built at
 # install time, only when the backend is named.
 EMU_MODULE = "_C_emu"
-EMU_FLAGS = ("-x", "c++", "-DEFFATTN_CUDA_EMU", "-O2")
+EMU_FLAGS = ("-x", "c++", "-DEFFATTN_CUDA_EMU", "-O2", "-Wno-unknown-pragmas")  # #pragma unroll is nvcc's
 
 
 def emu_sources() -> tuple[str, ...]:

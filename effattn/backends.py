@@ -396,6 +396,39 @@ class CudaBackend(_ExtensionBackend):
         return reasons + _grid_reasons(call, self.max_grid_yz)
 
 
+class _EmulatedOps:
+    """The launchers of :mod:`effattn.cuda_ops` with ``emulate=True``: the CUDA kernels on the host emulator."""
+
+    def __getattr__(self, name):
+        from effattn import cuda_ops
+        return functools.partial(getattr(cuda_ops, name), emulate=True)
+
+
+class CudaEmuBackend(CudaBackend):
+    """The CUDA C++ kernels of ``csrc/cuda``, compiled for the host and run on the emulator of the PTX primitives
+    they use (``csrc/emu``: ``mma.sync``, ``ldmatrix``, ``cp.async``, warp shuffles, barriers, with shared and
+    global memory checked): CPU tensors, float16/bfloat16, everything the ``cuda`` backend runs and nothing more.
+    Slow (fibers for threads); for checking the kernels without a GPU; only when named."""
+
+    name = "cuda-emu"
+    description = "the CUDA C++ kernels on a host emulator of the PTX ISA (csrc/emu; CPU tensors, slow)"
+    device_type = "cpu"
+
+    def _device_reasons(self) -> list[str]:
+        return []
+
+    def _extension_reasons(self, build):
+        from effattn import _ext
+        if not build and not _ext.emu_is_ready():
+            return ["the emulator's module is not built yet (it is built on first use with backend='cuda-emu')"]
+        why = _ext.emu_unavailable_reason()
+        return [why] if why else []
+
+    @property
+    def _ops(self):
+        return _EmulatedOps()
+
+
 class CppBackend(_ExtensionBackend):
     """The C++ CPU implementation of the extension: the tiled algorithm of the CUDA kernels on CPU tensors."""
 
@@ -430,7 +463,8 @@ class CppBackend(_ExtensionBackend):
                                           dlse, **kw)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), ReferenceBackend(), CudaBackend(), CppBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), ReferenceBackend(), CudaBackend(), CppBackend(),
+                                                    CudaEmuBackend())}
 # CUDA tensors -> Triton, CPU tensors -> the C++ kernels, the reference last (float64 and whatever the others
 # decline). The CUDA C++ kernels run only when named (argument or EFFATTN_BACKEND)
 # until they have been checked on a GPU.

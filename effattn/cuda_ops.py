@@ -41,10 +41,21 @@ def _fail(msg: str):
     raise ValueError(f"effattn extension launcher: {msg}")
 
 
-def _device_kind(q: torch.Tensor) -> str:
+def _device_kind(q: torch.Tensor, emulate: bool = False) -> str:
+    """Which launchers run: "cuda" (the CUDA kernels) or "cpu" (the C++ CPU implementation), by the tensors'
+    device; with ``emulate`` the CUDA kernels on the host emulator (``effattn._emu``), on CPU tensors."""
+    if emulate:
+        if q.device.type != "cpu":
+            _fail(f"the CUDA emulator (backend 'cuda-emu') runs on CPU tensors, got {q.device}")
+        return "cuda"
     if q.device.type not in ("cpu", "cuda"):
         _fail(f"tensors must be on cpu or cuda, got {q.device}")
     return q.device.type
+
+
+def _module(emulate: bool):
+    """The compiled module of a launch: the extension, or the emulator's."""
+    return _ext.load_emu() if emulate else _ext.load()
 
 
 def _check_tensor(name: str, x, *, device, dtype=None, shape=None) -> None:
@@ -95,9 +106,11 @@ def _params(ext, q, k, v, *, scale, kind):
     p.Dqk, p.Dv = Dqk, v.shape[3]
     p.dtype = _DTYPE_CODES[q.dtype]
     p.scale = float(scale)
-    if kind == "cuda":
+    if kind == "cuda" and q.is_cuda:
         p.device = q.device.index if q.device.index is not None else torch.cuda.current_device()
         p.stream = torch.cuda.current_stream(q.device).cuda_stream
+    elif kind == "cuda":  # the emulator: device 0, no stream
+        pass
     else:
         p.tile_m, p.tile_n = CPU_TILE  # the float64 path's tiles; the others choose their own
         p.num_threads = torch.get_num_threads()
@@ -176,12 +189,12 @@ def _set_score_mods(p, kind: str, softcap, alibi_slopes, q, keep: list) -> None:
 # dense and pooled attention
 # ----------------------------------------------------------------------------------------------
 def _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed, pool,
-                  softcap=0.0, alibi_slopes=None):
+                  softcap=0.0, alibi_slopes=None, emulate=False):
     """Checks and launch parameters shared by :func:`attn_forward` and :func:`attn_backward`:
     ``(ext, kind, params, keep)``, ``keep`` holding the tensors ``params`` points into."""
-    kind = _device_kind(q)
+    kind = _device_kind(q, emulate)
     _check_qkv(q, k, v, kind)
-    ext = _ext.load()
+    ext = _module(emulate)
     p = _params(ext, q, k, v, scale=scale, kind=kind)
     _set_dropout(p, kind, dropout_p, seed)
     _set_pool(p, pool, q.shape[2])
@@ -195,7 +208,7 @@ def _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, 
 def attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, scale: float,
                  window_left: int = -1, window_right: int = -1, diag_offset: int = 0, dropout_p: float = 0.0,
                  seed: int = 0, pool: QueryPool | None = None, softcap: float = 0.0,
-                 alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 alibi_slopes: torch.Tensor | None = None, emulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on the tensors' device (CUDA kernels or the C++ CPU implementation).
 
     q ``(B, Hq, T, Dqk)``, k ``(B, Hkv, Tk, Dqk)``, v ``(B, Hkv, Tk, Dv)``, any strides; mask None or
@@ -203,10 +216,11 @@ def attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     ``Tq = pool.pooled_len(T)``. Returns ``out (B, Hq, Tq, Dv)`` (q's dtype) and ``lse (B, Hq, Tq)``
     (float32, float64 for float64 inputs). ``dropout_p`` > 0 (CPU tensors only) drops probabilities with
     the Philox draws of ``seed``. ``softcap`` > 0 and ``alibi_slopes`` (contiguous ``(B, Hq)`` in the
-    dtype of lse) modify the scores as in :mod:`effattn.reference` (CPU tensors only).
+    dtype of lse) modify the scores as in :mod:`effattn.reference` (CPU tensors only). ``emulate``: the CUDA
+    kernels on the host emulator (CPU tensors, float16/bfloat16; :mod:`effattn._emu`).
     """
     ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed,
-                                       pool, softcap, alibi_slopes)
+                                       pool, softcap, alibi_slopes, emulate)
     return _forward(ext, kind, p, q, keep)
 
 
@@ -226,13 +240,14 @@ def attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   lse: torch.Tensor, mask: torch.Tensor | None, dlse: torch.Tensor | None = None, *, scale: float,
                   window_left: int = -1, window_right: int = -1, diag_offset: int = 0, dropout_p: float = 0.0,
                   seed: int = 0, pool: QueryPool | None = None, softcap: float = 0.0,
-                  alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  alibi_slopes: torch.Tensor | None = None,
+                  emulate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` (like q, k, v) of :func:`attn_forward`, given ``dout (B, Hq, Tq, Dv)``, the
     forward's ``out`` and ``lse`` and optionally ``dlse (B, Hq, Tq)``. With ``pool``, dq is the gradient of
     the unpooled q (rows that feed no pooled row get 0). ``dropout_p``, ``seed``, ``softcap`` and
-    ``alibi_slopes`` as given to the forward (the slopes get no gradient)."""
+    ``alibi_slopes`` as given to the forward (the slopes get no gradient); ``emulate`` as there."""
     ext, kind, p, keep = _dense_params(q, k, v, mask, scale, window_left, window_right, diag_offset, dropout_p, seed,
-                                       pool, softcap, alibi_slopes)
+                                       pool, softcap, alibi_slopes, emulate)
     return _backward(ext, kind, p, dout, q, k, v, out, lse, dlse, pool, keep)
 
 
@@ -376,10 +391,10 @@ def _block_list(ext, num: torch.Tensor, idx: torch.Tensor, B: int, H: int, n_blo
     return lst
 
 
-def _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward: bool):
-    kind = _device_kind(q)
+def _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward: bool, emulate: bool = False):
+    kind = _device_kind(q, emulate)
     _check_qkv(q, k, v, kind)
-    ext = _ext.load()
+    ext = _module(emulate)
     bm = block_mask
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
@@ -420,14 +435,16 @@ def _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward: bool)
     return ext, kind, p, keep
 
 
-def sparse_forward(q, k, v, block_mask, key_padding_mask=None, *, scale: float):
+def sparse_forward(q, k, v, block_mask, key_padding_mask=None, *, scale: float, emulate: bool = False):
     """Block-sparse forward over a validated :class:`effattn.BlockMask` for ``(Tq, Tk)``; key_padding_mask
-    None or bool ``(B, Tk)``. Returns ``out (B, Hq, Tq, Dv)``, ``lse (B, Hq, Tq)``."""
-    ext, kind, p, keep = _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward=False)
+    None or bool ``(B, Tk)``. Returns ``out (B, Hq, Tq, Dv)``, ``lse (B, Hq, Tq)``. ``emulate``: as
+    :func:`attn_forward`."""
+    ext, kind, p, keep = _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward=False, emulate=emulate)
     return _forward(ext, kind, p, q, keep)
 
 
-def sparse_backward(dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask=None, *, scale: float):
+def sparse_backward(dout, q, k, v, out, lse, dlse, block_mask, key_padding_mask=None, *, scale: float,
+                    emulate: bool = False):
     """Gradients ``dq, dk, dv`` of :func:`sparse_forward` (``dlse``: gradient of lse, or None)."""
-    ext, kind, p, keep = _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward=True)
+    ext, kind, p, keep = _sparse_params(q, k, v, block_mask, key_padding_mask, scale, backward=True, emulate=emulate)
     return _backward(ext, kind, p, dout, q, k, v, out, lse, dlse, None, keep)

@@ -87,14 +87,15 @@ def one_thread():
 
 
 # ----------------------------------------------------------------------------------------------
-# grids thinned on the Triton interpreter
+# grids thinned on the Triton interpreter and the CUDA emulator
 # ----------------------------------------------------------------------------------------------
 # The interpreter runs a Triton kernel as Python, thousands of times slower than the compiled kernel,
-# so a grid that sweeps a parameter densely (window edges, lengths, options) runs on it at the points
-# that exercise the kernel's own code paths (its block sizes of 16 and 32, ragged edges, each flag),
-# named beside the test with ``@pytest.mark.interpreter_subset(name=[values], ...)``. The compiled
-# backends (the C++ CPU kernels here, Triton and CUDA on a GPU) run every point. With
-# ``EFFATTN_FULL_GRIDS=1`` the interpreter runs every point too.
+# and the CUDA emulator (backend "cuda-emu") runs a CUDA kernel's threads as fibers, so a grid that
+# sweeps a parameter densely (window edges, lengths, options) runs on them at the points that
+# exercise the kernels' own code paths (block sizes, ragged edges, each flag), named beside the test
+# with ``@pytest.mark.interpreter_subset(name=[values], ...)``. The compiled backends (the C++ CPU
+# kernels here, Triton and CUDA on a GPU) run every point. With ``EFFATTN_FULL_GRIDS=1`` the slow
+# backends run every point too.
 _FULL_GRIDS = os.environ.get("EFFATTN_FULL_GRIDS", "") not in ("", "0")
 
 
@@ -106,18 +107,18 @@ def pytest_configure(config):
 
 
 def _on_interpreter(item) -> bool:
-    """Whether the item runs Triton kernels through the interpreter: a Triton target of the backend
-    fixtures with CPU tensors, a ``backend`` parameter naming Triton, or (no backend parameter) any test
-    while the interpreter is on."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
+    """Whether the item runs kernels on a slow backend: a Triton or emulator target of the backend fixtures
+    with CPU tensors (Triton: through the interpreter), a ``backend`` parameter naming one, or (no backend
+    parameter) any test while the interpreter is on."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     target = params.get("backend", params.get("any_backend"))
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if target is None:
+        return interpreted
+    name, device = (target, DEVICE) if isinstance(target, str) else (target.name, target.device)
+    if name == "cuda-emu":
         return True
-    if isinstance(target, str):  # a backend's name, on the test device (the CPU here)
-        return target == "triton"
-    return target.name == "triton" and target.device == "cpu"
+    return interpreted and name == "triton" and device == "cpu"
 
 
 def _in_subset(item, subset: dict) -> bool:

@@ -4,6 +4,7 @@ float64 reference."""
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -42,10 +43,15 @@ def backend_targets(test_device: str, include_reference: bool = False) -> list:
     Nothing here says which backend runs where: a backend that cannot run a case on a device (the
     CUDA kernels on CPU tensors, Triton on CPU without the interpreter, the C++ CPU code on CUDA
     tensors, a dtype, a head dim, dropout, ...) declines the call and the case is skipped with its
-    reasons. The reference is the oracle of the comparisons and is left out unless asked for."""
+    reasons. The reference is the oracle of the comparisons and is left out unless asked for. The CUDA
+    emulator ("cuda-emu", CPU tensors) is left out where the test device is a GPU (the real kernels run
+    there) unless ``EFFATTN_TEST_EMU=1``."""
     devices = sorted({test_device, "cpu"})
+    skip = {"reference"} if not include_reference else set()
+    if test_device == "cuda" and os.environ.get("EFFATTN_TEST_EMU", "") in ("", "0"):
+        skip.add("cuda-emu")
     return [pytest.param(Target(name, device), id=name if len(devices) == 1 else f"{name}-{device}")
-            for name in effattn.BACKENDS if include_reference or name != "reference" for device in devices]
+            for name in effattn.BACKENDS if name not in skip for device in devices]
 
 
 def make_qkv(B=2, Hq=2, Hkv=None, Tq=33, Tk=None, D=64, Dv=None, dtype=torch.float16, device="cpu",

@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #ifdef EFFATTN_CUDA_EMU  // the host build: the same primitives from csrc/emu, computed as the PTX ISA says
@@ -81,7 +82,13 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool pre
 #endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef EFFATTN_CUDA_EMU
+  emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 
 // Wait until at most N committed groups are still in flight.
 template <int N>
@@ -89,23 +96,23 @@ __device__ __forceinline__ void cp_async_wait() {
 #ifdef EFFATTN_CUDA_EMU
   emu::cp_async_wait<N>();
 #else
-#ifdef EFFATTN_CUDA_EMU
-  emu::cp_async_commit();
-#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
 #endif
 }
 
+// Two values rounded to T, lo in the low 16 bits (the register of an A or B fragment); memcpy, not a
+// pointer cast: no aliasing of the pair's type (a mov on the device).
 template <class T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t r;
   if constexpr (std::is_same<T, __half>::value) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __half2 h = __floats2half2_rn(lo, hi);
+    memcpy(&r, &h, sizeof(r));
   } else {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    memcpy(&r, &h, sizeof(r));
   }
+  return r;
 }
 
 template <class T>
