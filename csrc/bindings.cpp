@@ -62,7 +62,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "effattn C++/CUDA attention kernels (raw-pointer launchers)";
 
 #ifdef EFFATTN_WITH_CUDA
-  py::register_exception<CudaError>(m, "CudaError", PyExc_RuntimeError);
+  py::register_local_exception<CudaError>(m, "CudaError", PyExc_RuntimeError);
   m.attr("WITH_CUDA") = true;
   m.attr("CUDA_RUNTIME_VERSION") = cuda_runtime_version();
 #else

@@ -1,6 +1,7 @@
 // pybind11 classes of the launch arguments (common/params.h): Strides4, BlockList, AttnParams, each member
 // exposed by name. Shared by the extension effattn._C (csrc/bindings.cpp) and the emulator's module
-// effattn._C_emu (csrc/emu/bindings.cpp), so that Python fills both the same way.
+// effattn._C_emu (csrc/emu/bindings.cpp), so that Python fills both the same way; module-local, as both
+// modules live in one process (pybind11 registers a global type once).
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -13,7 +14,7 @@ namespace effattn {
 
 inline void bind_params(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<Strides4>(m, "Strides4")
+  py::class_<Strides4>(m, "Strides4", py::module_local())
       .def(py::init<>())
       .def(py::init([](int64_t b, int64_t h, int64_t t, int64_t d) { return Strides4{b, h, t, d}; }))
       .def_readwrite("b", &Strides4::b)
@@ -21,7 +22,7 @@ inline void bind_params(pybind11::module_& m) {
       .def_readwrite("t", &Strides4::t)
       .def_readwrite("d", &Strides4::d);
 
-  py::class_<BlockList>(m, "BlockList")
+  py::class_<BlockList>(m, "BlockList", py::module_local())
       .def(py::init<>())
       .def_readwrite("num", &BlockList::num)
       .def_readwrite("idx", &BlockList::idx)
@@ -34,7 +35,7 @@ inline void bind_params(pybind11::module_& m) {
       .def_readwrite("idx_sn", &BlockList::idx_sn);
 
 #define EA_FIELD(name) .def_readwrite(#name, &AttnParams::name)
-  py::class_<AttnParams>(m, "AttnParams")
+  py::class_<AttnParams>(m, "AttnParams", py::module_local())
       .def(py::init<>())
       EA_FIELD(q) EA_FIELD(k) EA_FIELD(v) EA_FIELD(o) EA_FIELD(sq) EA_FIELD(sk) EA_FIELD(sv) EA_FIELD(so)
       EA_FIELD(lse) EA_FIELD(mask) EA_FIELD(smask) EA_FIELD(mask_kind) EA_FIELD(mask_dtype)

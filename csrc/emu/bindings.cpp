@@ -138,8 +138,8 @@ void run(AttnParams p, bool backward, Launch launch) {
 PYBIND11_MODULE(_C_emu, m) {
   using namespace effattn;
   m.doc() = "effattn's CUDA kernels on a host emulator of the PTX primitives they use (csrc/emu)";
-  py::register_exception<CudaError>(m, "CudaError", PyExc_RuntimeError);
-  py::register_exception<emu::EmuError>(m, "EmuError", PyExc_RuntimeError);
+  py::register_local_exception<CudaError>(m, "CudaError", PyExc_RuntimeError);
+  py::register_local_exception<emu::EmuError>(m, "EmuError", PyExc_RuntimeError);
   m.attr("WITH_CUDA") = true;
   bind_params(m);
   m.def(

@@ -2,14 +2,15 @@
 csrc/emu): the CUDA backend's grid against the float64 reference, with the emulator's checks on.
 
 Every launch runs with shared memory written by a ``cp.async`` group poisoned (NaN) until its
-``wait_group``, under each of the emulator's schedules (a missing ``__syncthreads`` shows under one of
-them), every tensor in a guarded copy whose end touches an unmapped page (memcheck), barriers and warp
+``wait_group``, every tensor in a guarded copy whose end touches an unmapped page (memcheck), barriers and warp
 collectives checked for divergence and deadlock, and outputs NaN-poisoned beforehand
 (tests/conftest.py). The grid is the one the kernels must cover: dense, pooled and block-sparse attention,
 forward and backward (with the lse gradient), float16 and bfloat16, head dims 64 and 128 and padded ones,
 causal (bottom-right), windows, key padding (a row that sees no key), GQA/MQA, Tq != Tk, odd lengths (below
-one tile, one past a tile). The public functions' tests (tests/api/) also run on this backend through the
-``backend`` fixture. With a GPU, :func:`test_emulator_matches_the_device` compares the two on one input.
+one tile, one past a tile); then a few cases under the emulator's warp-by-warp schedules (a missing
+``__syncthreads`` shows under one of them). The public functions' tests (tests/api/) also run on this
+backend through the ``backend`` fixture. With a GPU, :func:`test_emulator_matches_the_device` compares the two on one
+input.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ DTYPES = [torch.float16, torch.bfloat16]
 SCHEDULES = ["round_robin", "warps_ahead", "warps_behind"]
 
 
-@pytest.fixture(params=SCHEDULES)
+@pytest.fixture
 def schedule(request):
     from effattn import _emu
 
@@ -51,13 +52,13 @@ DENSE = {
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(DENSE))
-def test_dense(case, dtype, schedule):
+def test_dense(case, dtype):
     q, k, v = make_qkv(**DENSE[case]["shape"], dtype=dtype)
     compare_with_reference(q, k, v, backend=EMU, lse_grad=True, **DENSE[case]["kw"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_key_padding_and_a_row_without_keys(dtype, schedule):
+def test_key_padding_and_a_row_without_keys(dtype):
     """Key padding, the second batch entry padding every key: its rows give out 0, lse -inf, zero gradients."""
     q, k, v = make_qkv(B=2, Hq=2, Tq=40, Tk=90, D=64, dtype=dtype)
     kpm = torch.rand(2, 90) > 0.3
@@ -67,7 +68,7 @@ def test_key_padding_and_a_row_without_keys(dtype, schedule):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_contiguous_and_unaligned_rows(dtype, schedule):
+def test_non_contiguous_and_unaligned_rows(dtype):
     """(B, T, H, D) views (the strides of a projection split into heads), and a head dim whose rows are not
     16-byte aligned (the kernels' element-wise load path)."""
     q, k, v = make_qkv(B=1, Hq=2, Tq=70, D=64, dtype=dtype, layout="bthd")
@@ -85,7 +86,7 @@ POOLED = {
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(POOLED))
-def test_pooled(case, dtype, schedule):
+def test_pooled(case, dtype):
     """Queries pooled on load; dQ carried back to the unpooled rows (odd T: a ragged last window). The pooled
     queries are rounded to the input dtype before the product, so lse has the output's tolerance."""
     q, k, v = make_qkv(B=1, Hq=2, Tq=77, D=64, dtype=dtype)
@@ -111,11 +112,31 @@ SPARSE = {
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(SPARSE))
-def test_block_sparse(case, dtype, schedule):
+def test_block_sparse(case, dtype):
     """FULL blocks without their rule, PARTIAL blocks with it (causal, window, segments), ragged last blocks."""
     T = 200
     q, k, v = make_qkv(B=1, Hq=2, Tq=T, D=64, dtype=dtype)
     compare_with_reference(q, k, v, backend=EMU, op=_sparse_op(SPARSE[case](T)), lse_grad=True)
+
+
+SCHEDULED = {
+    "dense_causal": lambda q, k, v: compare_with_reference(q, k, v, backend=EMU, causal=True, lse_grad=True),
+    "dense_window": lambda q, k, v: compare_with_reference(q, k, v, backend=EMU, window=(16, 3)),
+    "pooled": lambda q, k, v: compare_with_reference(q, k, v, backend=EMU, op=effattn.pooled_attention,
+                                                     lse_kind="fwd", stride=2, separate_cls=True),
+    "sparse": lambda q, k, v: compare_with_reference(q, k, v, backend=EMU, lse_grad=True,
+                                                     op=_sparse_op(BlockMask.causal(q.shape[2], q.shape[2],
+                                                                                    block_size=64))),
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES[1:], indirect=True)
+@pytest.mark.parametrize("case", list(SCHEDULED))
+def test_under_warp_schedules(case, schedule):
+    """One warp as far ahead (behind) of the others as the barriers allow: every kernel's shared-memory
+    hand-offs are fenced by its __syncthreads (several tiles per walk: T = 150, D = 128 and 64)."""
+    q, k, v = make_qkv(B=1, Hq=2, Hkv=1, Tq=150, D=128 if case == "dense_causal" else 64, dtype=torch.float16)
+    SCHEDULED[case](q, k, v)
 
 
 def test_deterministic():
