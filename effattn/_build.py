@@ -227,6 +227,11 @@ def write_ninja(cfg: Config, build_dir: str, output: str) -> str:
         if rule == "cxx" and src.startswith("cpu/simd_"):
             isa = X86_ISA_FLAGS.get(src, ()) if _x86_64() else ()
             lines.append("  isa_flags = " + " ".join((*SIMD_FLAGS, *isa)))
+    return _link_and_write(lines, objects, build_dir, output)
+
+
+def _link_and_write(lines: list[str], objects: list[str], build_dir: str, output: str) -> str:
+    """End a ninja file with the link of ``objects`` into ``output``; write it into ``build_dir``."""
     lines += ["", f"build {_q(output)}: link " + " ".join(_q(o) for o in objects), "", f"default {_q(output)}", ""]
     os.makedirs(build_dir, exist_ok=True)
     path = os.path.join(build_dir, "build.ninja")
@@ -248,12 +253,7 @@ def _write_emu_ninja(lines: list[str], cxx_flags: list[str], ldflags: list[str],
         obj = os.path.join(build_dir, src.replace("/", "_") + ".o")
         objects.append(obj)
         lines.append(f"build {_q(obj)}: emucxx {_q(os.path.join(CSRC, src))}")
-    lines += ["", f"build {_q(output)}: link " + " ".join(_q(o) for o in objects), "", f"default {_q(output)}", ""]
-    os.makedirs(build_dir, exist_ok=True)
-    path = os.path.join(build_dir, "build.ninja")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    return path
+    return _link_and_write(lines, objects, build_dir, output)
 
 
 @dataclass
