@@ -94,6 +94,75 @@ def _ulysses_cases(rank, world, fails):
             _close(fails, f"ulysses {layout} {name}", a, ed.shard(b, layout=layout))
 
 
+def _ulysses_op_cases(rank, world, fails):
+    """Ulysses around the other ops: sparse (a whole-sequence BlockMask), pooled (an output of uneven
+    length, split contiguously), and the fused Funnel layer (per-head tensors sliced with ulysses_heads)."""
+    import effattn
+    from effattn import distributed as ed
+
+    s = lambda x, dim=2: ed.shard(x, layout="contiguous", dim=dim)  # noqa: E731
+    B, H, T, D = 2, 4, 64, 8
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    m = torch.ones(B, T, dtype=torch.bool)
+    m[1, -5:] = False
+    blocks = torch.rand(1, 1, T // 16, T // 16) < 0.5
+    blocks[..., 0, :] = False  # the first block row sees no key: its rows return 0
+    bm = effattn.BlockMask.from_dense_blocks(blocks, T, T, block_size=16)
+    cases = {
+        "sparse": (lambda q, k, v, **kw: effattn.sparse_attention(q, k, v, bm, **kw), {}),
+        "pooled": (effattn.pooled_attention, dict(pool="mean", separate_cls=True, truncate=False)),
+    }
+    for name, (op, kw) in cases.items():
+        o = op(q, k, v, key_padding_mask=m, **kw)
+        do = torch.randn_like(o)
+        (o * do).sum().backward()
+        qs, ks, vs = (s(x.detach()).requires_grad_() for x in (q, k, v))
+        o2 = ed.ulysses_attention(qs, ks, vs, attn=op, layout="contiguous", key_padding_mask=s(m, 1), **kw)
+        sizes = [o.shape[2] // world] * world
+        sizes[-1] += o.shape[2] - sum(sizes)  # an uneven output: the remainder on the last rank
+        rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        (o2 * do[:, :, rows]).sum().backward()
+        _close(fails, f"ulysses {name} out", o2, o[:, :, rows])
+        for g, a, b in (("dq", qs.grad, q.grad), ("dk", ks.grad, k.grad), ("dv", vs.grad, v.grad)):
+            _close(fails, f"ulysses {name} {g}", a, s(b))
+        for x in (q, k, v):
+            x.grad = None
+
+    # the fused Funnel layer: qr = q + r_bias and tt from q, R and the biases per head
+    bias = torch.randn(H, D, requires_grad=True)
+    R = torch.randn(H, 2 * T - 1, D, requires_grad=True)
+    seg = torch.randn(H, D, 2, requires_grad=True)
+    types = torch.randint(0, 2, (B, T))
+
+    def funnel(q, k, v, heads=slice(None), **kw):
+        qr = q + bias[heads][None, :, None]
+        tt = torch.einsum("bhtd,hdc->bhtc", q, seg[heads])
+        return effattn.relpos_attention(q, k, v, qr, R[heads], tt=tt, q_types=types, k_types=types,
+                                        separate_cls=True, **kw)
+
+    o = funnel(q, k, v, key_padding_mask=m)
+    do = torch.randn_like(o)
+    (o * do).sum().backward()
+    ref = {n: x.grad.clone() for n, x in (("dbias", bias), ("dR", R), ("dseg", seg), ("dq", q), ("dk", k), ("dv", v))}
+    for x in (bias, R, seg):
+        x.grad = None
+    qs, ks, vs = (s(x.detach()).requires_grad_() for x in (q, k, v))
+    heads = ed.ulysses_heads(H)
+    o2 = ed.ulysses_attention(qs, ks, vs, attn=lambda q, k, v, **kw: funnel(q, k, v, heads, **kw),
+                              key_padding_mask=s(m, 1))
+    (o2 * s(do)).sum().backward()
+    _close(fails, "ulysses funnel out", o2, s(o))
+    for g, a, b in (("dq", qs.grad, ref["dq"]), ("dk", ks.grad, ref["dk"]), ("dv", vs.grad, ref["dv"])):
+        _close(fails, f"ulysses funnel {g}", a, s(b))
+    for g, x in (("dbias", bias), ("dR", R), ("dseg", seg)):  # this rank's heads only; the rest untouched
+        _close(fails, f"ulysses funnel {g} (own heads)", x.grad[heads], ref[g][heads])
+        rest = x.grad.clone()
+        rest[heads] = 0
+        if rest.any():
+            fails.append(f"ulysses funnel {g}: gradient outside this rank's heads {heads}")
+
+
 def _error_cases(rank, world, fails):
     from effattn import distributed as ed
 
@@ -113,6 +182,13 @@ def _error_cases(rank, world, fails):
     except ValueError as e:
         if "differ across ranks" not in str(e):
             fails.append(f"mismatch error: {e}")
+    q = torch.randn(1, 2, 5, 8)  # shards of an odd length: the zigzag layout cannot hold them
+    try:
+        ed.ring_attention(q, q, q, layout="zigzag")
+        fails.append("ring_attention on an indivisible length: no error")
+    except ValueError as e:
+        if "zigzag" not in str(e) or "multiple of" not in str(e):
+            fails.append(f"ring_attention indivisible-length error: {e}")
     q = torch.randn(1, 3, 8, 8)
     try:
         ed.ulysses_attention(q, q, q)
@@ -124,7 +200,8 @@ def _error_cases(rank, world, fails):
     _close(fails, "unshard(shard(x))", ed.unshard(ed.shard(y)), y)  # the group still works after the errors
 
 
-CASES = dict(ring=_ring_cases, pooled=_pooled_cases, ulysses=_ulysses_cases, errors=_error_cases)
+CASES = dict(ring=_ring_cases, pooled=_pooled_cases, ulysses=_ulysses_cases, ulysses_ops=_ulysses_op_cases,
+             errors=_error_cases)
 
 
 def _worker(rank, world, port, names, queue):
