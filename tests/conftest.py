@@ -28,6 +28,9 @@ def _cuda_available() -> bool:
 DEVICE = os.environ.get("EFFATTN_TEST_DEVICE") or ("cuda" if _cuda_available() else "cpu")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
+    from tests import interpreter as _interpreter
+
+    _interpreter.install()  # the interpreter without its per-call re-patching (tests/interpreter.py)
 os.environ.pop("EFFATTN_BACKEND", None)
 
 import torch  # noqa: E402

@@ -44,6 +44,8 @@ def test_tiny_head_dims(backend, D):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal,padding,D,Dv", [(False, False, 48, 40), (True, True, 96, 128)])
+@pytest.mark.interpreter_subset(causal=[False])
+@pytest.mark.interpreter_subset(causal=[True], dtype=[torch.bfloat16])
 def test_dtypes(backend, dtype, causal, padding, D, Dv):
     """Every dtype, GQA and the lse gradient; without masks at a head dim padded to 64 in the CUDA
     kernels, causal with key padding at one padded to 128."""
@@ -55,7 +57,8 @@ def test_dtypes(backend, dtype, causal, padding, D, Dv):
 @pytest.mark.parametrize("Tq,Tk", [(17, 100), (100, 17), (64, 1), (1, 64), (300, 1), (1, 300), (130, 33),
                                    (65, 129)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.interpreter_subset(Tq=[17, 100, 64, 1])
+@pytest.mark.interpreter_subset(Tq=[17, 100])
+@pytest.mark.interpreter_subset(Tq=[64, 1], Tk=[1, 64], causal=[True])
 @pytest.mark.interpreter_subset(Tq=[130], causal=[True])
 def test_unequal_lengths_bottom_right_causal(backend, Tq, Tk, causal):
     """Causal is aligned bottom-right; with Tq > Tk the first Tq - Tk rows see nothing (out 0)."""
@@ -88,7 +91,7 @@ def test_gqa_grads_sum_over_group(backend):
 
 
 @pytest.mark.parametrize("window", [(8, 8), (0, 0), (20, None), (None, 5), (3, -1), (40, 100), (33, 7), (None, 70)])
-@pytest.mark.interpreter_subset(window=[(8, 8), (0, 0), (3, -1), (33, 7), (None, 70)])
+@pytest.mark.interpreter_subset(window=[(8, 8), (3, -1), (None, 70)])
 def test_sliding_window(backend, window):
     compare_with_reference(*make_qkv(Tq=70, Tk=90, D=32, device=backend.device), backend=backend, window=window)
 
@@ -161,7 +164,7 @@ def test_deterministic(backend):
 @pytest.mark.parametrize("softcap,alibi", [(2.0, None), (0.0, "heads"), (0.5, "batch-heads")])
 @pytest.mark.parametrize("Tq,Tk,causal,window", [(37, 75, True, None), (75, 37, True, None), (40, 40, False, None),
                                                  (53, 61, False, (9, 4))])
-@pytest.mark.interpreter_subset(Tq=[37], softcap=[2.0, 0.5])
+@pytest.mark.interpreter_subset(Tq=[37], softcap=[0.5])
 @pytest.mark.interpreter_subset(Tq=[53], softcap=[0.0])
 def test_softcap_alibi(backend, softcap, alibi, Tq, Tk, causal, window):
     """Against the reference with GQA, key padding (a fully padded batch row), bottom-right positions either way."""
@@ -217,6 +220,7 @@ def test_alibi_and_softcap_are_flash_attn_formulas():
 # dropout
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.interpreter_subset(dtype=[torch.float16])
 def test_dropout_matches_reference_exactly(backend, dtype):
     """Same seed -> the same keep mask in the kernel and in the reference, forward and backward."""
     q, k, v = make_qkv(Hq=4, Hkv=2, Tq=40, Tk=52, D=32, dtype=dtype, device=backend.device)
@@ -254,7 +258,9 @@ def test_dropout_statistics(backend, p):
     assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
     # a kept probability is the undropped one times 1 / (1 - p), rounded once more in float32
     torch.testing.assert_close(dropped[kept], probs[kept] / (1 - p), atol=1e-5, rtol=1e-4)
-    mean = sum(backend.run(effattn.flash_attention, q, k, v, dropout_p=p, dropout_seed=s) for s in range(24)) / 24
+    # the mean's relative error is about 0.8 sqrt(p / ((1 - p) seeds)): 0.09 at p = 0.1 over 8, 0.16 at 0.5 over 24
+    seeds = 8 if p <= 0.1 else 24
+    mean = sum(backend.run(effattn.flash_attention, q, k, v, dropout_p=p, dropout_seed=s) for s in range(seeds)) / seeds
     assert (mean - probs).abs().mean() < 0.25 * probs.abs().mean()
 
 
@@ -267,8 +273,9 @@ _EDGES = [14, 15, 16, 17, 31, 33, 63, 64, 127]
 @pytest.mark.parametrize("Tq,Tk", [(150, 150), (100, 170), (170, 100)])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("w", _EDGES)
-@pytest.mark.interpreter_subset(w=[15, 17, 33])
-@pytest.mark.interpreter_subset(w=[16], side=["left"])
+@pytest.mark.interpreter_subset(w=[17], Tq=[100, 170])
+@pytest.mark.interpreter_subset(w=[16], side=["left"], Tq=[100])
+@pytest.mark.interpreter_subset(w=[15, 33], side=["right"], Tq=[170])
 def test_window_edges_sweep(backend, Tq, Tk, side, w):
     window = (w, None) if side == "left" else (None, w)
     compare_with_reference(*make_qkv(B=1, Hq=1, Tq=Tq, Tk=Tk, D=16, device=backend.device), backend=backend,

@@ -150,7 +150,7 @@ def test_cache_errors():
 
 @pytest.mark.parametrize("splits", [2, 5])
 @pytest.mark.parametrize("mask", ["none", "causal-window", "softcap-alibi"])
-@pytest.mark.interpreter_subset(splits=[5])
+@pytest.mark.interpreter_subset(splits=[5], mask=["causal-window", "softcap-alibi"])
 def test_split_kv_decoding(backend, splits, mask, monkeypatch):
     """Short query sequences against long keys: the Triton launcher and the C++ CPU kernels split the keys over
     programs / tasks and merge the parts by lse (forced here; otherwise a heuristic chooses)."""

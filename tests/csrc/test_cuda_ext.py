@@ -135,9 +135,11 @@ def test_sources_compile_without_warnings(tmp_path):
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no host compiler")
 def test_jit_build_cpu_only(tmp_path, monkeypatch):
-    """The JIT path: a CPU-only build into a fresh cache directory, under the lock, loads and runs."""
+    """The JIT path: a CPU-only build into a fresh cache directory, under the lock, then found in the cache.
+    A debug build (-O0): the path is under test, not the optimiser (the suite's own first use builds -O3)."""
     monkeypatch.setenv(_ext.ENV_CACHE, str(tmp_path))
-    res = _ext.jit_build(_build.Config(nvcc=None))
+    cfg = _build.Config(nvcc=None, debug=True)
+    res = _ext.jit_build(cfg)
     assert not isinstance(res, str) and os.path.isfile(res.path) and not res.with_cuda
     assert "warning" not in res.log.lower(), res.log
-    assert _ext.jit_build(_build.Config(nvcc=None)) == res.path  # cached: no second build
+    assert _ext.jit_build(cfg) == res.path  # cached: no second build

@@ -55,11 +55,12 @@ def _config_rows():
     for cls in fa.HEAD_DIM_CLASSES:
         n = max(len(t[cls]) for t in TABLES.values())
         for i in range(n):
-            yield pytest.param(cls, *(t[cls][min(i, len(t[cls]) - 1)] for t in TABLES.values()), id=f"D{cls}-{i}")
+            yield pytest.param(cls, i, *(t[cls][min(i, len(t[cls]) - 1)] for t in TABLES.values()), id=f"D{cls}-{i}")
 
 
-@pytest.mark.parametrize("cls,fwd,bwd_kv,bwd_q", list(_config_rows()))
-def test_every_gpu_config_is_correct(device, cls, fwd, bwd_kv, bwd_q):
+@pytest.mark.parametrize("cls,row,fwd,bwd_kv,bwd_q", list(_config_rows()))
+@pytest.mark.interpreter_subset(row=[0], cls=[64, 128, 256, 1024])  # the interpreter: first configs (all on a GPU)
+def test_every_gpu_config_is_correct(device, cls, row, fwd, bwd_kv, bwd_q):
     """Each tile shape of the GPU tables, forced, against the float64 reference (on CPU through the
     interpreter: the tile logic at real block sizes; on CUDA: also that each config compiles and runs)."""
     from tests.helpers import compare_with_reference, make_qkv
