@@ -42,7 +42,7 @@ class NinjaBuildExt(build_ext):
                       "will be unavailable; set CUDA_HOME or put nvcc on the PATH for CUDA)", flush=True)
             res = build.build(os.path.join(os.path.abspath(self.build_temp), "effattn_ext"), output=target, cfg=cfg)
             with open(target + ".key", "w") as f:  # effattn/_ext.py rebuilds when the sources change
-                f.write(cfg.key())
+                f.write(build.key_line(cfg))
             warnings = sum("warning" in line.lower() for line in res.log.splitlines())
             print(f"effattn: built {target} in {res.seconds:.0f} s (CUDA: {res.with_cuda}, archs "
                   f"{','.join(cfg.archs) if res.with_cuda else '-'}; compiler warnings: {warnings})", flush=True)

@@ -180,6 +180,12 @@ class Config:
         return h.hexdigest()[:16]
 
 
+def key_line(cfg: Config) -> str:
+    """The ``.key`` file beside a module built with ``cfg``: the hash of its sources, flags and tools, and
+    the CUDA archs it was built for (``3fa2c0... 80;90``), so that a build for other archs is still found."""
+    return f"{cfg.key()} {';'.join(cfg.archs)}"
+
+
 def _tool_version(cmd: list[str]) -> str:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout

@@ -38,19 +38,21 @@ def _load_from(path: str, module: str = _build.MODULE) -> types.ModuleType:
     return module
 
 
-def _installed() -> str | None:
+def _installed(path: str | None = None) -> str | None:
     """The module built by setup.py, unless the sources it was built from have changed since (a source
-    checkout: its ``.key`` file holds the hash of the sources it was built from)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), _build.module_filename())
+    checkout: its ``.key`` file holds the hash of the sources it was built from and the CUDA archs it was
+    built for, :func:`effattn._build.key_line`; the hash is compared with this checkout's for those archs)."""
+    path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), _build.module_filename())
     if not os.path.isfile(path):
         return None
     try:
         with open(path + ".key") as f:
-            built_from = f.read().strip()
+            fields = f.read().split()
     except OSError:  # no key file: stale in a source checkout, as built in an installed wheel
         return None if os.path.isdir(_build.CSRC) else path
     try:
-        if built_from != _build.Config().key():
+        cfg = _build.Config(archs=tuple(a for a in fields[1].split(";") if a)) if len(fields) > 1 else _build.Config()
+        if not fields or fields[0] != cfg.key():
             return None
     except OSError:  # no sources to compare with (an installed wheel)
         pass

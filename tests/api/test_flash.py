@@ -147,6 +147,8 @@ def test_scale(backend):
 
 def test_deterministic(backend):
     """Two runs are bit-equal, forward and backward (GQA: dK, dV summed over the group)."""
+    if backend.name == "triton" and backend.device == "cpu":
+        pytest.skip("the Triton interpreter runs the programs one after another: nothing can race")
     q, k, v = make_qkv(Hq=4, Hkv=1, Tq=50, D=32, device=backend.device)
     dout = torch.randn(2, 4, 50, 32, dtype=q.dtype, device=backend.device)
 

@@ -121,13 +121,14 @@ def test_python_launcher_validates_tensors():
 
 @requires_nvcc
 def test_sources_compile_without_warnings(tmp_path):
-    """The host code and one kernel file, for one arch, with warnings as errors (the full build, at install
-    or on first use, compiles every file with the same flags; ninja reports its output)."""
+    """The C++ CPU kernels and the CUDA host code with warnings as errors (the build, at install or on first
+    use, compiles every file with the same warning flags, its nvcc rule with -Werror all-warnings: a warning
+    in a kernel file fails that build, and with it every test of the extension)."""
     cfg = _build.Config(archs=("90",))
     nvcc = [cfg.nvcc, "-std=c++17", "-O1", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror", f"-I{_build.CSRC}",
             "-Werror", "all-warnings", *cfg.gencode(), "-c"]
     cxx = [cfg.cxx, "-std=c++17", "-O1", "-fPIC", "-Wall", "-Wextra", "-Werror", f"-I{_build.CSRC}", "-c"]
-    for cmd, src in ((cxx, "cpu/attn_cpu.cpp"), (nvcc, "cuda/launch.cu"), (nvcc, "cuda/flash_fwd_hdim64.cu")):
+    for cmd, src in ((cxx, "cpu/attn_cpu.cpp"), (nvcc, "cuda/launch.cu")):
         res = subprocess.run([*cmd, os.path.join(_build.CSRC, src), "-o", str(tmp_path / "x.o")],
                              capture_output=True, text=True)
         assert res.returncode == 0 and "warning" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
@@ -143,3 +144,20 @@ def test_jit_build_cpu_only(tmp_path, monkeypatch):
     assert not isinstance(res, str) and os.path.isfile(res.path) and not res.with_cuda
     assert "warning" not in res.log.lower(), res.log
     assert _ext.jit_build(cfg) == res.path  # cached: no second build
+
+
+def test_installed_module_key_names_its_archs(tmp_path):
+    """An installed module is used while its ``.key`` matches this checkout's sources for the archs it names
+    (setup.sh builds one arch on a machine without a GPU); a stale hash, or a key of other archs, is not."""
+    path = tmp_path / _build.module_filename()
+    path.write_bytes(b"")
+    key = tmp_path / (path.name + ".key")
+    one_arch = _build.Config(archs=("90",))
+    key.write_text(_build.key_line(one_arch))
+    assert _ext._installed(str(path)) == str(path)
+    key.write_text(f"{one_arch.key()} 80;90")  # the hash of one arch's build, claimed for two
+    assert _ext._installed(str(path)) is None
+    key.write_text("0123456789abcdef 90")  # sources changed since
+    assert _ext._installed(str(path)) is None
+    key.write_text(_build.Config().key())  # the older one-field key: the default archs
+    assert _ext._installed(str(path)) == str(path)
