@@ -186,6 +186,13 @@ def key_line(cfg: Config) -> str:
     return f"{cfg.key()} {';'.join(cfg.archs)}"
 
 
+def read_key_line(text: str) -> tuple[str, tuple[str, ...] | None]:
+    """``(hash, archs)`` of a ``.key`` file (:func:`key_line`); archs None in an older one-field key."""
+    fields = text.split()
+    archs = tuple(a for a in fields[1].split(";") if a) if len(fields) > 1 else None
+    return (fields[0] if fields else ""), archs
+
+
 def _tool_version(cmd: list[str]) -> str:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout

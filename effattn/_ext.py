@@ -47,12 +47,12 @@ def _installed(path: str | None = None) -> str | None:
         return None
     try:
         with open(path + ".key") as f:
-            fields = f.read().split()
+            built_from, archs = _build.read_key_line(f.read())
     except OSError:  # no key file: stale in a source checkout, as built in an installed wheel
         return None if os.path.isdir(_build.CSRC) else path
     try:
-        cfg = _build.Config(archs=tuple(a for a in fields[1].split(";") if a)) if len(fields) > 1 else _build.Config()
-        if not fields or fields[0] != cfg.key():
+        cfg = _build.Config(archs=archs) if archs is not None else _build.Config()
+        if built_from != cfg.key():
             return None
     except OSError:  # no sources to compare with (an installed wheel)
         pass

@@ -32,9 +32,9 @@ def test_extension_loads():
 @requires_nvcc
 def test_cuda_build_targets():
     ext = _ext.load()
-    fields = open(ext.__file__ + ".key").read().split() if os.path.isfile(ext.__file__ + ".key") else []
-    archs = fields[1].split(";") if len(fields) > 1 else list(_build.Config().archs)  # the archs it was built for
-    assert ext.CUDA_ARCHS.split(",") == archs
+    key = ext.__file__ + ".key"
+    archs = _build.read_key_line(open(key).read())[1] if os.path.isfile(key) else None
+    assert ext.CUDA_ARCHS.split(",") == list(archs or _build.Config().archs)  # the archs it was built for
     assert ext.CUDA_RUNTIME_VERSION >= 12000
 
 
