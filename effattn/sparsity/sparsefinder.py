@@ -114,35 +114,49 @@ def _scale(scale, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else _float("scale", scale, 0.0, math.inf, lo_open=True)
 
 
-def _positive_chunks(q: torch.Tensor, k: torch.Tensor, mass: float, scale: float,
-                     chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(r0, r1, positives)`` per chunk of query rows, positives bool ``(B, H, r1 - r0, Tk)``."""
-    Tq = q.shape[2]
+def _visible(r0: int, r1: int, Tq: int, Tk: int, device) -> torch.Tensor:
+    """bool ``(r1 - r0, Tk)``: the keys query rows ``r0:r1`` see under bottom-right causal attention."""
+    rows = torch.arange(r0, r1, device=device)
+    return torch.arange(Tk, device=device)[None, :] <= rows[:, None] + (Tk - Tq)
+
+
+def _positive_chunks(q: torch.Tensor, k: torch.Tensor, mass: float, scale: float, chunk: int,
+                     causal: bool = False) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+    """``(r0, r1, positives, visible)`` per chunk of query rows: positives bool ``(B, H, r1 - r0, Tk)``;
+    ``visible`` the causal keys of the rows ``(r1 - r0, Tk)`` (None without ``causal``). A row that sees
+    no key has no positive."""
+    Tq, Tk = q.shape[2], k.shape[2]
     kf = k.float()
     for r0 in range(0, Tq, chunk):
         r1 = min(r0 + chunk, Tq)
-        p = torch.softmax(scale * q[:, :, r0:r1].float() @ kf.transpose(-1, -2), dim=-1)
+        s = scale * q[:, :, r0:r1].float() @ kf.transpose(-1, -2)
+        visible = _visible(r0, r1, Tq, Tk, q.device) if causal else None
+        if visible is not None:
+            s = s.masked_fill(~visible, float("-inf"))
+        p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
         sp, order = p.sort(dim=-1, descending=True)
         before = sp.cumsum(-1) - sp  # mass of the keys ranked strictly before
         # smallest prefix reaching `mass`: a key is in it iff the keys before hold less than `mass`
         # (a small tolerance so that rounding never drops the key that completes the share)
         keep = before < mass - 1e-6
         keep[..., 0] = True
-        yield r0, r1, torch.zeros_like(keep).scatter_(-1, order, keep)
+        pos = torch.zeros_like(keep).scatter_(-1, order, keep)
+        yield r0, r1, (pos if visible is None else pos & visible), visible
 
 
 @torch.no_grad()
 def gold_positives(q: torch.Tensor, k: torch.Tensor, mass: float = 0.9, scale: float | None = None,
-                   chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                   chunk: int = DEFAULT_CHUNK, causal: bool = False) -> torch.Tensor:
     """The gold attention graph: bool ``(B, H, Tq, Tk)``, True on the smallest set of keys of each query
     holding at least ``mass`` of its softmax probability (``softmax(scale * q k^T)``, scale default
-    ``1/sqrt(D)``), keys taken by decreasing probability. Computed by chunks of ``chunk`` query rows; the
+    ``1/sqrt(D)``; with ``causal`` the bottom-right causal softmax, so only visible keys are positive), keys
+    taken by decreasing probability. Computed by chunks of ``chunk`` query rows; the
     result itself is ``Tq x Tk`` (for tests and small sizes: :meth:`SparseFinder.loss` never builds it)."""
     q, k = _qk(q, k)
     mass = _float("mass", mass, 0.0, 1.0, lo_open=True)
     chunk = _int("chunk", chunk, minimum=1)
     scale = _scale(scale, q.shape[-1])
-    return torch.cat([pos for _, _, pos in _positive_chunks(q, k, mass, scale, chunk)], dim=2)
+    return torch.cat([pos for _, _, pos, _ in _positive_chunks(q, k, mass, scale, chunk, causal)], dim=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,9 +247,11 @@ class SparseFinder(nn.Module):
         return qp, kp
 
     def loss(self, q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
-             chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+             chunk: int = DEFAULT_CHUNK, causal: bool = False) -> torch.Tensor:
         """Hinge loss (module notes) of the frozen ``q (B, H, Tq, D)``, ``k (B, H|Hkv, Tk, D)``: a scalar,
-        differentiable in ``W_q, W_k``. Gold positives and distances by chunks of ``chunk`` query rows."""
+        differentiable in ``W_q, W_k``. Gold positives and distances by chunks of ``chunk`` query rows.
+        ``causal``: the frozen model is a decoder (bottom-right causal): the gold graph is that of its
+        causal softmax and the negatives are drawn among the keys a query sees."""
         q, k = _qk(q, k, self.n_heads, self.head_dim)
         chunk = _int("chunk", chunk, minimum=1)
         scale = _scale(scale, q.shape[-1])
@@ -244,15 +260,18 @@ class SparseFinder(nn.Module):
         kp2 = (kp * kp).sum(-1)  # (B, H, Tk)
         total = qp.new_zeros(())
         count = 0
-        for r0, r1, pos in _positive_chunks(q, k, self.mass, scale, chunk):
+        for r0, r1, pos, visible in _positive_chunks(q, k, self.mass, scale, chunk, causal):
             qc = qp[:, :, r0:r1]
             dist = (qc * qc).sum(-1, keepdim=True) + kp2[:, :, None, :] - 2 * qc @ kp.transpose(-1, -2)
             n_pos = pos.sum(-1, keepdim=True)
-            n_neg = torch.minimum(n_pos, pos.shape[-1] - n_pos)  # as many negatives as positives, when there are
-            # uniform draw of n_neg non-positive keys: the n_neg largest of i.i.d. uniform keys
+            n_keys = pos.shape[-1] if visible is None else visible.sum(-1)[None, None, :, None]
+            n_neg = torch.minimum(n_pos, n_keys - n_pos)  # as many negatives as positives, when there are
+            # uniform draw of n_neg non-positive (visible) keys: the n_neg largest of i.i.d. uniform keys
             r = torch.rand(pos.shape, generator=self._gen).to(pos.device).masked_fill_(pos, -1.0)
+            if visible is not None:
+                r.masked_fill_(~visible, -1.0)
             kth = r.sort(dim=-1, descending=True).values.gather(-1, (n_neg - 1).clamp_min(0))
-            neg = (r >= kth) & ~pos & (n_neg > 0)
+            neg = (r >= kth) & (r >= 0) & (n_neg > 0)
             valid = n_neg[..., 0] > 0
             d_pos = (dist * pos).sum(-1) / n_pos[..., 0].clamp_min(1)
             d_neg = (dist * neg).sum(-1) / n_neg[..., 0].clamp_min(1)
@@ -262,9 +281,10 @@ class SparseFinder(nn.Module):
         return total / max(count, 1)
 
     def fit(self, q_batches, k_batches, steps: int = 100, lr: float = 1e-2, *, scale: float | None = None,
-            chunk: int = DEFAULT_CHUNK, clusters: bool = True) -> list[float]:
+            chunk: int = DEFAULT_CHUNK, clusters: bool = True, causal: bool = False) -> list[float]:
         """Train ``W_q, W_k`` with Adam for ``steps`` steps, cycling over the batches (tensors, or sequences of
-        tensors, pairwise alike), then (``clusters``) :meth:`fit_clusters` on all of them. The centres are
+        tensors, pairwise alike; ``causal`` as in :meth:`loss`), then (``clusters``) :meth:`fit_clusters` on all
+        of them. The centres are
         fitted first on all the batches (:meth:`fit_centers`) unless they already are. Returns the losses."""
         qs, ks = _batches("q_batches", q_batches), _batches("k_batches", k_batches)
         if len(qs) != len(ks):
@@ -278,7 +298,7 @@ class SparseFinder(nn.Module):
         for step in range(steps):
             q, k = qs[step % len(qs)], ks[step % len(ks)]
             opt.zero_grad(set_to_none=True)
-            loss = self.loss(q, k, scale=scale, chunk=chunk)
+            loss = self.loss(q, k, scale=scale, chunk=chunk, causal=causal)
             loss.backward()
             opt.step()
             history.append(float(loss.detach()))

@@ -61,6 +61,48 @@ def test_gold_positives_mass_and_minimal(mass):
     assert bool((largest_neg <= smallest).all())
 
 
+@pytest.mark.parametrize("Tq,Tk", [(20, 20), (12, 30), (30, 12)])
+def test_causal_gold_positives(Tq, Tk):
+    """A decoder's gold graph: the causal softmax's positives, never a key the query does not see; a row
+    that sees no key (Tq > Tk) has none."""
+    g = torch.Generator().manual_seed(1)
+    q, k = 2 * torch.randn(2, 3, Tq, 8, generator=g), torch.randn(2, 3, Tk, 8, generator=g)
+    pos = gold_positives(q, k, mass=0.8, chunk=7, causal=True)
+    rows, cols = torch.arange(Tq)[:, None], torch.arange(Tk)[None, :]
+    visible = cols <= rows + (Tk - Tq)
+    assert not bool((pos & ~visible).any())
+    s = (q @ k.transpose(-1, -2) / 8 ** 0.5).double().masked_fill(~visible, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    seen = visible.any(-1)
+    held = (p * pos).sum(-1)
+    assert bool((held[..., seen] >= 0.8 - 1e-5).all())
+    assert not bool(pos[..., ~seen, :].any())
+    # the positives are the top visible keys
+    smallest = p.masked_fill(~pos, 2.0).amin(-1)
+    largest_neg = p.masked_fill(pos | ~visible, -1.0).amax(-1)
+    assert bool((largest_neg[..., seen] <= smallest[..., seen]).all())
+
+
+def test_causal_loss_by_hand():
+    """Two tokens, identity projections: query 0 prefers key 1, query 1 prefers key 1. Causal, query 0 sees
+    key 0 alone (no negative to draw: it does not count) and query 1's negative is key 0:
+    ``relu(margin + |q1 - k1|^2 - |q1 - k0|^2)``. Bidirectional, query 0 counts too."""
+    sf = SparseFinder(1, 2, rank=2, n_clusters=1, margin=1000.0)
+    with torch.no_grad():
+        sf.W_q.copy_(torch.eye(2)[None])
+        sf.W_k.copy_(torch.eye(2)[None])
+    q = torch.tensor([[[[5.0, 0.0], [10.0, 0.0]]]])
+    k = torch.tensor([[[[-10.0, 0.0], [10.0, 0.0]]]])
+    row1 = 1000.0 + 0.0 - 400.0
+    row0 = 1000.0 + 25.0 - 225.0
+    assert float(sf.loss(q, k, causal=True)) == pytest.approx(row1)
+    assert float(sf.loss(q, k)) == pytest.approx((row0 + row1) / 2)
+    q2, k2 = planted(T=64, K=4, seed=5)
+    sf2 = SparseFinder(2, 16, rank=4, n_clusters=4, seed=5)
+    hist = sf2.fit(q2, k2, steps=20, lr=0.05, scale=2.0, clusters=False, causal=True)
+    assert hist[-1] < hist[0]
+
+
 def test_loss_decreases():
     q, k = planted(T=128, K=4, seed=3)
     sf = SparseFinder(2, 16, rank=4, n_clusters=4, seed=3)
