@@ -157,26 +157,55 @@ struct Relpos {
     });
   }
 
-  // Per-row data of a query tile: the token-type scores (times c2) and the row's token type.
+  // Per-row data of a query tile: the token-type scores (times c2) of a key of a different / the same
+  // type, the row's token type, and, for the last key type asked for, the rows' score and "same" flag
+  // (1 / 0) for a key of that type: keys come in runs of one type, so a column's token-type term is
+  // one contiguous vector add (``for_key``), computed once per run.
   struct RowInfo {
-    std::vector<float> tt;  // 2 per row: [different, same]
+    std::vector<float> diff, same;
     std::vector<int32_t> type;
+    std::vector<float> score, is_same;  // for key type ``key_type``
+    int32_t key_type = 0;
+    bool cached = false;
+
+    void resize(int n) {
+      diff.assign(n, 0.f);
+      same.assign(n, 0.f);
+      type.assign(n, 0);
+      score.assign(n, 0.f);
+      is_same.assign(n, 0.f);
+    }
+    // The rows' token-type scores for a key of type ``kt`` (rows < ``rows``; [cls] is of every type).
+    const float* for_key(int32_t kt, int32_t cls_type, int rows) {
+      if (kt == cls_type) return same.data();
+      if (!cached || kt != key_type) {
+        for (int r = 0; r < rows; ++r) {
+          const bool s = type[r] == kt || type[r] == cls_type;
+          is_same[r] = s ? 1.f : 0.f;
+          score[r] = s ? same[r] : diff[r];
+        }
+        key_type = kt;
+        cached = true;
+      }
+      return score.data();
+    }
   };
 
   void load_row_info(int b, int h, int64_t m0, int rows, RowInfo& ri) const {
+    ri.cached = false;
     if (!p.tt) return;
     const T* tt = cptr<T>(p.tt) + off4(p.stt, b, h, m0);
     const int32_t* qt = cptr<int32_t>(p.q_types) + static_cast<int64_t>(b) * p.Tq + m0;
     for (int r = 0; r < rows; ++r) {
-      ri.tt[2 * r] = to_f32(tt[r * p.stt.t]) * c2;
-      ri.tt[2 * r + 1] = to_f32(tt[r * p.stt.t + p.stt.d]) * c2;
+      ri.diff[r] = to_f32(tt[r * p.stt.t]) * c2;
+      ri.same[r] = to_f32(tt[r * p.stt.t + p.stt.d]) * c2;
       ri.type[r] = qt[r];
     }
   }
 
   // The scores of tile (m0, n0) in St (cols x BMp): content already there, the band Pb (nb x BMp) and the
   // token-type term added where the pair is not a [cls] pair, then the key padding mask.
-  void add_relpos(float* St, const float* Pb, const RowInfo& ri, int b, int64_t m0, int rows, int64_t n0,
+  void add_relpos(float* St, const float* Pb, RowInfo& ri, int b, int64_t m0, int rows, int64_t n0,
                   int cols) const {
     const int r_lo = (p.separate_cls && m0 == 0) ? 1 : 0;
     const int c_lo = (p.separate_cls && n0 == 0) ? 1 : 0;
@@ -187,12 +216,8 @@ struct Relpos {
       const float* pb = Pb + static_cast<int64_t>(cols - 1 - c) * BMp;
       for (int r = r_lo; r < rows; ++r) s[r] += pb[r * step];
       if (kt) {
-        const int32_t ktc = kt[c];
-        const bool k_cls = ktc == p.cls_type;
-        for (int r = r_lo; r < rows; ++r) {
-          const bool same = k_cls || ri.type[r] == ktc || ri.type[r] == p.cls_type;
-          s[r] += ri.tt[2 * r + (same ? 1 : 0)];
-        }
+        const float* a = ri.for_key(kt[c], p.cls_type, rows);
+        for (int r = r_lo; r < rows; ++r) s[r] += a[r];
       }
     }
     if (p.kpm) {
@@ -234,8 +259,7 @@ struct Relpos {
           w.m = buf(1, BMp);
           w.l = buf(1, BMp);
           w.alpha = buf(1, BMp);
-          w.ri.tt.assign(2 * BM, 0.f);
-          w.ri.type.assign(BM, 0);
+          w.ri.resize(BM);
           return w;
         },
         [&](FwdScratch& w, int64_t task) {
@@ -326,8 +350,7 @@ struct Relpos {
           w.dtt = buf(BM, 2);
           w.dk = buf(p.Tk, Dp);
           w.dv = buf(p.Tk, Dvp);
-          w.ri.tt.assign(2 * BM, 0.f);
-          w.ri.type.assign(BM, 0);
+          w.ri.resize(BM);
           return w;
         },
         [&](BwdScratch& w, int64_t task) {
@@ -430,16 +453,22 @@ struct Relpos {
       std::fill(dPb, dPb + static_cast<int64_t>(nb) * BMp, 0.f);
       const int c_lo = (p.separate_cls && n0 == 0) ? 1 : 0;
       const int32_t* kt = p.tt ? cptr<int32_t>(p.k_types) + static_cast<int64_t>(b) * p.Tk + n0 : nullptr;
+      float* dtt_diff = w.dtt.data();
+      float* dtt_same = w.dtt.data() + BM;
       for (int c = c_lo; c < cols; ++c) {
         const float* ds = dSt + static_cast<int64_t>(c) * BMp;
         float* pb = dPb + static_cast<int64_t>(cols - 1 - c) * BMp;
         for (int r = r_lo; r < rows; ++r) pb[r * step] = ds[r];
         if (kt) {
-          const int32_t ktc = kt[c];
-          const bool k_cls = ktc == p.cls_type;
-          for (int r = r_lo; r < rows; ++r) {
-            const bool same = k_cls || w.ri.type[r] == ktc || w.ri.type[r] == p.cls_type;
-            w.dtt[2 * r + (same ? 1 : 0)] += ds[r];
+          if (kt[c] == p.cls_type) {
+            for (int r = r_lo; r < rows; ++r) dtt_same[r] += ds[r];
+          } else {
+            w.ri.for_key(kt[c], p.cls_type, rows);
+            const float* m = w.ri.is_same.data();
+            for (int r = r_lo; r < rows; ++r) {
+              dtt_same[r] += m[r] * ds[r];
+              dtt_diff[r] += (1.f - m[r]) * ds[r];
+            }
           }
         }
       }
@@ -457,7 +486,10 @@ struct Relpos {
       }
     if (p.dtt) {
       float* dtt = mptr<float>(p.dtt) + row0 * 2;
-      for (int r = 0; r < 2 * rows; ++r) dtt[r] = w.dtt[r] * sc;
+      for (int r = 0; r < rows; ++r) {
+        dtt[2 * r] = w.dtt[r] * sc;
+        dtt[2 * r + 1] = w.dtt[BM + r] * sc;
+      }
     }
   }
 };
