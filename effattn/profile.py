@@ -119,7 +119,7 @@ def kept_pairs(block_mask) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # relative-position attention and Funnel's attention layer
 # ----------------------------------------------------------------------------------------------
-RELPOS_TILE = (32, 128)  # (query rows, keys) of a tile of the C++ CPU kernel (effattn.relpos_cpu.CPU_TILE)
+from effattn.relpos_cpu import CPU_TILE as RELPOS_TILE  # noqa: E402 - (query rows, keys) of a C++ CPU kernel tile
 
 
 def relpos_band_products(Tq: int, Tk: int, rel_stride: int, tile: tuple[int, int] = RELPOS_TILE) -> int:
