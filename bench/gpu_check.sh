@@ -8,6 +8,8 @@
 # 3. "flash": the h100 preset of `python -m bench` on CUDA, time-boxed, its files written to $OUT;
 # 4. "funnel": the h100-funnel preset of `python -m bench` (pooled-query attention, pooled in the kernel or
 #    first; the Funnel layer of both attention types against Hugging Face's), time-boxed, files funnel.*;
+#    then the whole Funnel base model, eager against the fused routes (`python -m bench.studies.funnel_model`,
+#    T = 1k, 4k, 8k), files funnel_model.json, funnel_model.md;
 # 5. "sparse": the h100-sparse preset of `python -m bench` (block-sparse attention against the kept share,
 #    next to dense attention, and the masks' build times), time-boxed, files sparse.*;
 # 6. "ops": the h100-ops preset of `python -m bench` (pooled, sparse, Funnel layer, mask prediction),
@@ -28,7 +30,7 @@
 # nothing and needs no network. Output directory: $OUT, or bench/results when OUT is unset. It holds
 # at most 8 files per call (the device tool's limit): tests_cuda.log, tests_cuda_ext.log;
 # attention.json, attention.md, attention_tflops.png, attention_roofline.png; ops.json, ops.md,
-# ops_sparse.png; funnel.json, funnel.md; sparse.json, sparse.md; varlen.json, varlen.md (plots of those
+# ops_sparse.png; funnel.json, funnel.md, funnel_model.json, funnel_model.md; sparse.json, sparse.md; varlen.json, varlen.md (plots of those
 # made from the JSON).
 #
 # Time: tests at most TEST_TIMEOUT_S; the flash benchmark stops starting new rows after the preset's
@@ -44,7 +46,8 @@ OUT_DIR="${OUT:-bench/results}"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-230}"
 BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-110}"
-FUNNEL_TIMEOUT_S="${FUNNEL_TIMEOUT_S:-80}"
+FUNNEL_TIMEOUT_S="${FUNNEL_TIMEOUT_S:-60}"
+FUNNEL_MODEL_TIMEOUT_S="${FUNNEL_MODEL_TIMEOUT_S:-60}"
 VARLEN_TIMEOUT_S="${VARLEN_TIMEOUT_S:-75}"
 SPARSE_TIMEOUT_S="${SPARSE_TIMEOUT_S:-100}"
 OPS_TIMEOUT_S="${OPS_TIMEOUT_S:-180}"
@@ -134,6 +137,11 @@ if [[ " $PARTS " == *" funnel "* ]]; then
         --providers naive sdpa flex effattn effattn-prepool effattn-features
     funnel_rc=$?
     rm -f "$OUT_DIR/funnel.csv" "$OUT_DIR/funnel_summary.md"  # 8 files at most (funnel.md holds the summary)
+    echo "== Funnel model, eager against fused (at most ${FUNNEL_MODEL_TIMEOUT_S} s; files after every row)"
+    timeout -k "$KILL_AFTER_S" "$FUNNEL_MODEL_TIMEOUT_S" \
+        "$PYTHON" -m bench.studies.funnel_model --device cuda --seqlen 1024 4096 8192 --repeats 5 --out "$OUT_DIR"
+    model_rc=$?
+    [ "$model_rc" -eq 124 ] || [ "$funnel_rc" -ne 0 ] || funnel_rc=$model_rc  # a timeout keeps the rows it wrote
 fi
 
 if [[ " $PARTS " == *" sparse "* ]]; then

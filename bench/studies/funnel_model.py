@@ -13,7 +13,7 @@ sequence length, in three versions of one model:
 Before timing, each fused model's output and input-embedding gradient are checked against the eager
 model's (float32 tolerances of a whole model). Times are the median of ``--repeats`` calls after a
 warm-up; peak memory is torch's CPU allocator's (profiler allocation events) or CUDA's peak. Writes
-``funnel_model.json`` (metadata + rows) and ``funnel_model.md`` to ``--out``.
+``funnel_model.json`` (metadata + rows) and ``funnel_model.md`` to ``--out``, after every row.
 """
 
 from __future__ import annotations
@@ -107,7 +107,13 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def write(out: Path, rows: list[dict], meta: dict, t_start: float) -> None:
+    meta["wall_s"] = time.perf_counter() - t_start
+    (out / "funnel_model.json").write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
+    (out / "funnel_model.md").write_text(format_markdown(rows, meta))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seqlen", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -115,6 +121,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", choices=sorted(SIZES), default="base", help="model size (tiny: for the tests)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.device not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
@@ -149,9 +160,7 @@ def main(argv=None) -> int:
             print(f"T={T} {mode}: " + ", ".join(f"{n} {s:.3f} s" for n, s in seconds.items())
                   + f" | band {seconds['eager'] / seconds['band']:.2f}x, features "
                   f"{seconds['eager'] / seconds['features']:.2f}x", flush=True)
-    meta["wall_s"] = time.perf_counter() - t_start
-    (args.out / "funnel_model.json").write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
-    (args.out / "funnel_model.md").write_text(format_markdown(rows, meta))
+            write(args.out, rows, meta, t_start)  # after every row: a run cut short keeps what it measured
     print(f"wrote {args.out}/funnel_model.json, funnel_model.md in {meta['wall_s']:.1f} s")
     return 0
 

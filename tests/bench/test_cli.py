@@ -3,6 +3,7 @@ that has a main, ``python -m effattn.info``, and the console scripts ``effattn-b
 
 from __future__ import annotations
 
+import importlib
 import os
 import runpy
 import shlex
@@ -94,7 +95,13 @@ def test_gpu_check_runs_the_harness_with_valid_arguments():
     from bench.cases import expand
 
     invocations = _gpu_check_invocations()
+    studies = [words for words in invocations if words[0].startswith("bench.studies.")]
+    invocations = [words for words in invocations if words not in studies]
     assert [words[0] for words in invocations] == ["bench"] * len(invocations)  # no deprecated command
+    assert [words[0] for words in studies] == ["bench.studies.funnel_model"]  # the whole model on the GPU
+    for words in studies:
+        args = importlib.import_module(words[0]).build_parser().parse_args(words[1:])
+        assert args.device == "cuda", words
     presets = {words[words.index("--preset") + 1] for words in invocations}
     assert presets == {"h100", "h100-ops", "h100-sparse", "h100-funnel", "h100-varlen"}
     for words in invocations:
