@@ -1,7 +1,7 @@
 """Learned block masks judged on a trained model: recall against the oracle and fixed patterns, and the
 model's loss with each mask applied.
 
-    python -m bench.studies.learned_masks                  # full: the results (about 25 min on 2 CPU cores)
+    python -m bench.studies.learned_masks                  # full: the results (2 CPU cores: 35 min, 18 cached)
     python -m bench.studies.learned_masks --preset quick   # seconds: the pipeline end to end, for the tests
 
 1. **The model**: :mod:`bench.studies.byte_lm`, a byte-level decoder trained with effattn's causal flash
