@@ -154,7 +154,6 @@ class Methods:
 
     block: int
     seq_len: int
-    n_heads: int
     finders: dict[int, dict[int, object]] = field(default_factory=dict)  # layer -> clusters -> SparseFinder
     selected: dict[int, int] = field(default_factory=dict)  # layer -> the cluster count picked on calib
     gates: dict[int, object] = field(default_factory=dict)
@@ -225,7 +224,7 @@ def fit(preset: Preset, calib: list[dict], log) -> Methods:
 
     lm = preset.lm
     H, D = lm.n_heads, lm.head_dim
-    m = Methods(block=preset.block, seq_len=lm.seq_len, n_heads=H)
+    m = Methods(block=preset.block, seq_len=lm.seq_len)
     n = lm.seq_len // preset.block
     for layer, qk in enumerate(calib):
         qs, ks = list(qk["q"].split(1)), list(qk["k"].split(1))
